@@ -126,7 +126,8 @@ class GaussianDiffusion(nn.Module):
         """eq. 4: q(x_t | x0) = N(sqrt(alpha-bar_t) x0, (1 - alpha-bar_t) I)."""
         _check_data(x0)
         mean = extract(self.sqrt_alphas_cumprod, t, x0) * x0
-        variance = extract(1 - self.alphas_cumprod, t, x0)
+        # Squared from the float64-derived buffer: 1 - alpha-bar in float32 loses digits near 1.
+        variance = extract(self.sqrt_one_minus_alphas_cumprod, t, x0) ** 2
         return mean, variance
 
     def q_sample(self, x0, t, noise=None):
