@@ -102,8 +102,10 @@ class GaussianDiffusion(nn.Module):
         # eq. 7: q(x_{t-1} | x_t, x0) = N(posterior_mean_coef1 x0 + posterior_mean_coef2 x_t,
         #                                  posterior_variance)
         posterior_variance = betas * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod)
-        # beta-tilde is 0 at the first step; its log takes the second value there to stay finite.
-        clipped = torch.cat([posterior_variance[1:2], posterior_variance[1:]])
+        # beta-tilde is 0 at the first step; its log takes the second value there to stay finite
+        # (beta_1 when T = 1 and there is no second value).
+        first = posterior_variance[1:2] if len(betas) > 1 else betas
+        clipped = torch.cat([first, posterior_variance[1:]])
         model_variance = betas if variance == "beta" else posterior_variance
         model_log_variance = betas.log() if variance == "beta" else clipped.log()
         constants = {
