@@ -1,0 +1,685 @@
+"""Train the DDPM of ddpm.py on MNIST (or Fashion-MNIST) and draw samples.
+
+    python train_mnist.py                 # download MNIST, train, write pictures to runs/mnist
+    python train_mnist.py --resume        # continue runs/mnist from its checkpoint
+    python train_mnist.py --sample-only   # a grid of samples from runs/mnist/checkpoint.pt
+
+The run folder (--out) gets args.json, metrics.jsonl (one JSON line per log point), checkpoint.pt,
+samples_stepN.png / samples.png (8x8 grids of samples from the EMA weights) and chain.png (a few
+samples at ~10 points of the reverse process, from pure noise to the final digit).
+
+Sections: the recipe, data, pictures, checkpoints, training, sampling from a checkpoint, the command
+line. Standard library and torch only.
+"""
+
+import argparse
+import copy
+import gzip
+import hashlib
+import itertools
+import json
+import math
+import os
+import signal
+import struct
+import sys
+import time
+import urllib.error
+import urllib.request
+import zlib
+
+import torch
+
+import ddpm
+
+# ---------------------------------------------------------------------------------------------
+# The recipe: every default of the training run, in one place
+# ---------------------------------------------------------------------------------------------
+
+# "fast" is the default: recognisable digits in about 15 minutes on 2 CPU cores. "paper" is the
+# training recipe of [Ho] sec. 4 and appendix B (their CIFAR-10 settings: Adam at 2e-4 with a
+# 5000-step warm-up, batch 128, dropout 0.1, EMA 0.9999, 800k steps, ancestral sampling) on the
+# MNIST U-Net widened to 128 channels, for GPUs. Any flag given explicitly overrides its preset.
+PRESETS = {
+    "fast": {"channels": 32, "res_blocks": 2, "dropout": 0.0, "T": 1000, "schedule": "linear",
+             "steps": 2000, "batch_size": 64, "lr": 1e-3, "warmup": 100, "weight_decay": 0.0,
+             "grad_clip": 1.0, "ema_decay": 0.999, "sampler": "ddim", "sample_every": 500,
+             "ckpt_every": 250},
+    "paper": {"channels": 128, "res_blocks": 2, "dropout": 0.1, "T": 1000, "schedule": "linear",
+              "steps": 800_000, "batch_size": 128, "lr": 2e-4, "warmup": 5000, "weight_decay": 0.0,
+              "grad_clip": 1.0, "ema_decay": 0.9999, "sampler": "ddpm", "sample_every": 10_000,
+              "ckpt_every": 5000},
+}
+# The arguments that shape the model and the diffusion: a checkpoint resumes only if they match.
+MODEL_CONFIG = ("dataset", "channels", "res_blocks", "T", "schedule")
+LOG_INTERVAL = 0.5          # seconds between log points (a metrics.jsonl line, a progress update)
+
+
+class UserError(Exception):
+    """Something the user can fix (a path, a file, a flag): reported in one line, no traceback."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: the four IDX files, downloaded if missing, validated on load
+# ---------------------------------------------------------------------------------------------
+
+# (images file, labels file, number of items) per split; Fashion-MNIST uses the same names.
+SPLITS = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", 60000),
+          "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz", 10000)}
+# The published MD5s of the .gz files, checked on download. Files already on disk are checked
+# structurally instead (read_idx): a recompressed copy of the same data is just as good.
+MD5 = {
+    "mnist": {"train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+              "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+              "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+              "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c"},
+    "fashion": {"train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+                "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+                "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+                "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310"},
+}
+# Tried in order; the file name is appended. The environment variable MNIST_MIRRORS (base
+# addresses separated by spaces) replaces them, e.g. for a local mirror or the tests.
+MIRRORS = {
+    "mnist": ["https://ossci-datasets.s3.amazonaws.com/mnist/",
+              "https://storage.googleapis.com/cvdf-datasets/mnist/",
+              "http://yann.lecun.com/exdb/mnist/"],
+    "fashion": [
+        "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+        "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/"],
+}
+NAMES = {"mnist": "MNIST", "fashion": "Fashion-MNIST"}
+
+
+def download(filename, md5, folder, mirrors, status):
+    """Fetch `filename` from the first mirror that serves it with the published MD5. The bytes go
+    to a temporary file in `folder` that is renamed into place only once verified, so a failed
+    download never leaves a half-written file behind."""
+    path, failures = os.path.join(folder, filename), []
+    for base in mirrors:
+        url = base.rstrip("/") + "/" + filename
+        tmp = f"{path}.{os.getpid()}.part"
+        try:
+            with urllib.request.urlopen(url, timeout=30) as response, open(tmp, "wb") as f:
+                total = int(response.headers.get("Content-Length") or 0)
+                done, digest = 0, hashlib.md5()
+                while chunk := response.read(1 << 16):
+                    f.write(chunk)
+                    digest.update(chunk)
+                    done += len(chunk)
+                    status.update(f"downloading {url}: {done / 1e6:.1f}"
+                                  + (f" of {total / 1e6:.1f} MB" if total else " MB"))
+            if digest.hexdigest() != md5:
+                raise ValueError(f"MD5 {digest.hexdigest()} is not the published {md5}")
+            os.replace(tmp, path)
+            status.print(f"downloaded {url} ({done / 1e6:.1f} MB, MD5 ok)")
+            return path
+        except (OSError, ValueError) as e:     # URLError, HTTPError and timeouts are OSErrors
+            failures.append(f"{url}: {e}")
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    files = ", ".join(MD5["mnist"])
+    raise UserError(f"could not download {filename} (offline?). Tried:\n  " + "\n  ".join(failures)
+                    + f"\nDownload the four files ({files}) by hand and put them in {folder}, or "
+                    "point --data-dir at a folder that holds them.")
+
+
+def read_idx(path, shape):
+    """Read a gzip-compressed IDX file of unsigned bytes -- big-endian int32 magic 0x0800 + number
+    of dimensions, one big-endian int32 per dimension, then the row-major payload -- and check
+    that it holds exactly `shape`. Returns a uint8 tensor of that shape."""
+    try:
+        with gzip.open(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError, zlib.error) as e:  # not gzip, truncated, or a bad CRC
+        raise UserError(f"{path} is not an intact gzip file ({e}); delete it to download it "
+                        "again") from None
+    header = 4 * (1 + len(shape))
+    if len(data) < header:
+        raise UserError(f"{path} is too short for an IDX header ({len(data)} bytes)")
+    magic, *dims = struct.unpack(f">{1 + len(shape)}I", data[:header])
+    if magic != 0x800 + len(shape):
+        raise UserError(f"{path} has IDX magic 0x{magic:08x}, expected 0x{0x800 + len(shape):08x} "
+                        f"({'images' if len(shape) == 3 else 'labels'} of unsigned bytes)")
+    if tuple(dims) != shape:
+        raise UserError(f"{path} has dimensions {tuple(dims)}, expected {shape}")
+    if len(data) - header != math.prod(shape):
+        raise UserError(f"{path} holds {len(data) - header} bytes of data, expected "
+                        f"{math.prod(shape)} (truncated?)")
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8, offset=header).view(shape)
+
+
+def load_split(folder, dataset, split, status):
+    """Images uint8 (N, 28, 28) and labels int64 (N,) of one split, downloading missing files."""
+    missing = [name for name in MD5[dataset] if not os.path.exists(os.path.join(folder, name))]
+    if missing:
+        os.makedirs(folder, exist_ok=True)
+        mirrors = os.environ.get("MNIST_MIRRORS", "").split() or MIRRORS[dataset]
+        for name in missing:
+            download(name, MD5[dataset][name], folder, mirrors, status)
+    images_file, labels_file, n = SPLITS[split]
+    images = read_idx(os.path.join(folder, images_file), (n, 28, 28))
+    labels = read_idx(os.path.join(folder, labels_file), (n,))
+    if int(labels.max()) > 9:
+        raise UserError(f"{os.path.join(folder, labels_file)} has a label {int(labels.max())}; "
+                        "labels must be 0-9")
+    return images, labels.long()
+
+
+def batches(n, batch_size, seed, start, device):
+    """The index tensors (on `device`) of the minibatches of steps start, start + 1, ...: epoch e
+    is the (e+1)-th permutation drawn from a generator seeded with `seed`, cut into
+    n // batch_size batches (the partial last one dropped). The order depends on the seed alone,
+    so a resumed run replays the draws of the earlier epochs and sees exactly the batches of an
+    unbroken one."""
+    generator, per_epoch = torch.Generator().manual_seed(seed), n // batch_size
+    for epoch in itertools.count():
+        order = torch.randperm(n, generator=generator)
+        if (epoch + 1) * per_epoch <= start:
+            continue
+        order = order.to(device)            # once per epoch: slicing it below needs no host sync
+        for i in range(max(0, start - epoch * per_epoch), per_epoch):
+            yield order[i * batch_size:(i + 1) * batch_size]
+
+
+def to_unit_range(images):
+    """uint8 0..255 -> exactly the 256 bin centres k/127.5 - 1 on [-1, 1] that the discretized
+    decoder of [Ho] eq. 13 assumes."""
+    return images.float() / 127.5 - 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Pictures: 8-bit grayscale PNG written with zlib
+# ---------------------------------------------------------------------------------------------
+
+
+def to_uint8(x):
+    """[-1, 1] -> 0..255, rounding to the nearest level (the inverse of to_unit_range)."""
+    return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def tile(images, ncol, pad=2, scale=2):
+    """(N, 1, H, W) values on [-1, 1] -> one uint8 picture with the images in rows of ncol, on a
+    grey background, magnified `scale` times."""
+    n, _, h, w = images.shape
+    nrow = -(-n // ncol)
+    canvas = torch.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad), 128, dtype=torch.uint8)
+    for i, image in enumerate(to_uint8(images.cpu())):
+        y, x = pad + (i // ncol) * (h + pad), pad + (i % ncol) * (w + pad)
+        canvas[y:y + h, x:x + w] = image[0]
+    return canvas.repeat_interleave(scale, 0).repeat_interleave(scale, 1)
+
+
+def png_bytes(pixels):
+    """PNG file contents for a uint8 (H, W) picture: 8-bit grayscale, one zlib stream."""
+    def chunk(kind, data):
+        crc = zlib.crc32(kind + data)
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+    h, w = pixels.shape
+    rows = torch.cat([torch.zeros(h, 1, dtype=torch.uint8), pixels], dim=1)  # filter 0 per row
+    return (b"\x89PNG\r\n\x1a\n"
+            + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(bytes(rows.flatten().tolist()), 9))
+            + chunk(b"IEND", b""))
+
+
+def save_png(path, pixels):
+    atomic_write(path, lambda f: f.write(png_bytes(pixels)))
+
+
+def draw(diffusion, model, n, sampler, steps, seed, chain):
+    """n samples (n, 1, 28, 28) from `model` (put in eval mode by the caller), or with chain all
+    the states of the reverse process, (steps + 1, n, 1, 28, 28). The noise comes from its own
+    generator seeded with `seed`: grids at different steps of a run start from the same x_T, and
+    training's random stream is left untouched."""
+    device = diffusion.betas.device
+    generator = torch.Generator(device).manual_seed(seed)
+    shape = (n, 1, 28, 28)
+    if sampler == "ddpm":
+        return diffusion.sample(model, shape, generator=generator, return_chain=chain)
+    return diffusion.ddim_sample(model, shape, steps=steps, generator=generator,
+                                 return_chain=chain)
+
+
+def sample_steps(sampler, steps, T):
+    """The number of sampling steps: DDPM (Algorithm 2) takes all T; DDIM takes --sample-steps."""
+    if sampler == "ddpm":
+        if steps not in (None, T):
+            raise UserError(f"the ddpm sampler takes all T={T} steps; --sample-steps is for "
+                            "--sampler ddim")
+        return T
+    steps = 50 if steps is None else steps
+    if steps > T:
+        raise UserError(f"--sample-steps {steps} exceeds the model's T={T}")
+    return steps
+
+
+def save_pictures(folder, step, chain):
+    """samples_step{step}.png and samples.png: the final states as an 8x8 grid (for n = 64);
+    chain.png: the first 8 samples (rows) at 10 evenly spaced points from x_T to x_0 (columns)."""
+    grid = tile(chain[-1], ncol=math.ceil(math.sqrt(chain.shape[1])))
+    save_png(os.path.join(folder, f"samples_step{step:06d}.png"), grid)
+    save_png(os.path.join(folder, "samples.png"), grid)
+    points = torch.linspace(0, len(chain) - 1, min(10, len(chain))).round().long()
+    rows = chain[points, :8].transpose(0, 1)                 # (rows, points, 1, 28, 28)
+    save_png(os.path.join(folder, "chain.png"), tile(rows.flatten(0, 1), ncol=len(points)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: atomic writes, safe loads, and the model they describe
+# ---------------------------------------------------------------------------------------------
+
+
+def atomic_write(path, write):
+    """Call write(f) on a temporary file beside `path`, flush it to disk, then rename it over
+    `path`: a crash at any moment leaves either the old file or the new one, never a torn one."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def make_model(config):
+    return ddpm.UNet(base_channels=config["channels"], num_res_blocks=config["res_blocks"],
+                     dropout=config["dropout"])
+
+
+def make_diffusion(config):
+    schedule = {"linear": ddpm.linear_beta_schedule, "cosine": ddpm.cosine_beta_schedule}
+    return ddpm.GaussianDiffusion(schedule[config["schedule"]](config["T"]))
+
+
+def load_checkpoint(path):
+    """The checkpoint dict at `path`, read without running any code from it (weights_only)."""
+    if not os.path.isfile(path):
+        raise UserError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 -- torn, truncated or foreign files fail in many ways
+        reason = (str(e).splitlines() or [""])[0]
+        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: "
+                        f"{reason})") from None
+    if not (isinstance(ckpt, dict)
+            and {"step", "elapsed", "args", "rng", "model", "ema", "optimizer"} <= ckpt.keys()):
+        raise UserError(f"{path} is not a checkpoint written by train_mnist.py")
+    return ckpt
+
+
+def load_weights(module, state, path):
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:
+        raise UserError(f"{path} does not fit this version of the model: "
+                        f"{str(e).splitlines()[0]}") from None
+
+
+def load_ema(path, device):
+    """The EMA model (in eval mode), the diffusion and the arguments of a checkpoint's run."""
+    ckpt = load_checkpoint(path)
+    model = make_model(ckpt["args"])
+    load_weights(model, ckpt["ema"], path)
+    return model.to(device).eval(), make_diffusion(ckpt["args"]).to(device), ckpt["args"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+
+class Status:
+    """The progress line: rewritten in place on a terminal (at most 4 times a second), printed as
+    plain lines at most every 30 s when stdout is a pipe or a log file."""
+
+    def __init__(self):
+        self.tty = sys.stdout.isatty()
+        self.interval, self.last, self.open = (0.25 if self.tty else 30.0), -math.inf, False
+
+    def update(self, text, force=False):
+        now = time.monotonic()
+        if force or now - self.last >= self.interval:
+            self.last = now
+            if self.tty:
+                sys.stdout.write("\r" + text + "\033[K")     # \033[K clears the rest of the line
+                sys.stdout.flush()
+                self.open = True
+            else:
+                print(text, flush=True)
+
+    def print(self, text):
+        """A line that stays, below the progress line."""
+        if self.open:
+            sys.stdout.write("\n")
+            self.open = False
+        print(text, flush=True)
+
+
+class StopRequest:
+    """Within `with`: the first Ctrl-C (SIGINT) or SIGTERM sets `signum`, and training saves a
+    checkpoint and stops after the current step; a second one interrupts at once."""
+
+    def __init__(self, status):
+        self.status, self.signum = status, None
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def handle(self, signum, frame):
+        self.signum = signum
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        self.status.print(f"{signal.Signals(signum).name}: saving a checkpoint after this step "
+                          "(press Ctrl-C again to quit at once)")
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def pick_device(name):
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if name == "auto":
+        return torch.device(next((d for d in ("cuda", "mps") if available[d]), "cpu"))
+    if name != "cpu" and not available[name]:
+        raise UserError(f"--device {name} is not available on this machine")
+    return torch.device(name)
+
+
+@torch.no_grad()
+def update_ema(ema, model, step, decay):
+    """ema <- d ema + (1 - d) model with d = min(decay, (1 + step) / (10 + step)): the warm-up
+    forgets the random initial weights quickly, so that short runs sample well too."""
+    d = min(decay, (1 + step) / (10 + step))
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - d)
+
+
+def format_time(seconds):
+    minutes, s = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{s:02d}"
+
+
+def train(args):
+    session_start, status = time.perf_counter(), Status()
+    device = pick_device(args.device)
+    steps_per_grid = sample_steps(args.sampler, args.sample_steps, args.T)
+    config = vars(args)
+    ckpt_path = os.path.join(args.out, "checkpoint.pt")
+    if not args.resume and os.path.exists(ckpt_path):
+        raise UserError(f"{args.out} already holds a run; pass --resume to continue it, or "
+                        "choose another --out")
+    os.makedirs(args.out, exist_ok=True)
+    atomic_write(os.path.join(args.out, "args.json"),
+                 lambda f: f.write(json.dumps(config, indent=2).encode()))
+
+    images, _ = load_split(args.data_dir, args.dataset, "train", status)
+    if args.batch_size > len(images):
+        raise UserError(f"--batch-size {args.batch_size} exceeds the {len(images)} images")
+    images = images[:, None].to(device)                       # (N, 1, 28, 28) uint8
+
+    torch.manual_seed(args.seed)
+    model = make_model(config).to(device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    diffusion = make_diffusion(config).to(device)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                                  fused=cuda)
+    step, elapsed = 0, 0.0
+    if args.resume:
+        ckpt = load_checkpoint(ckpt_path)
+        changed = [f"--{k.replace('_', '-')} {ckpt['args'].get(k)} (now {config[k]})"
+                   for k in MODEL_CONFIG if ckpt["args"].get(k) != config[k]]
+        if changed:
+            raise UserError(f"{ckpt_path} was made with a different model configuration: "
+                            + ", ".join(changed) + "; pass the values it was made with")
+        load_weights(model, ckpt["model"], ckpt_path)
+        load_weights(ema, ckpt["ema"], ckpt_path)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng"]["cpu"])
+        if cuda and "cuda" in ckpt["rng"]:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+        step, elapsed = ckpt["step"], ckpt["elapsed"]
+        if step >= args.steps:
+            status.print(f"{ckpt_path} is at step {step} >= --steps {args.steps}: nothing to do")
+            return 0
+
+    def wall_time():
+        """Seconds since the run began, over all its sessions, loading and sampling included."""
+        return elapsed + time.perf_counter() - session_start
+
+    def save():
+        rng = {"cpu": torch.get_rng_state()}
+        if cuda:
+            rng["cuda"] = torch.cuda.get_rng_state(device)
+        state = {"step": step, "elapsed": wall_time(), "args": config, "rng": rng,
+                 "model": model.state_dict(), "ema": ema.state_dict(),
+                 "optimizer": optimizer.state_dict()}
+        atomic_write(ckpt_path, lambda f: torch.save(state, f))
+
+    B, n_params = args.batch_size, sum(p.numel() for p in model.parameters())
+    status.print(f"{NAMES[args.dataset]}: {len(images)} images from {args.data_dir} | U-Net "
+                 f"{n_params / 1e6:.2f}M parameters | {device} | steps {step}..{args.steps} of "
+                 f"batch {B} | grids: {args.sampler}-{steps_per_grid} | run folder {args.out}")
+    data = batches(len(images), B, args.seed, step, device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
+    window_loss, window_steps = torch.zeros((), device=device), 0
+    train_time, start_step, window_start = 0.0, step, time.perf_counter()
+    model.train()
+    with (open(os.path.join(args.out, "metrics.jsonl"), "a" if args.resume else "w") as log,
+          StopRequest(status) as stop):
+        while step < args.steps:
+            x0 = to_unit_range(images[next(data)])              # (B, 1, 28, 28) on [-1, 1]
+            lr = args.lr * min(1.0, (step + 1) / args.warmup) if args.warmup else args.lr
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with autocast:
+                loss = diffusion.training_loss(model, x0)          # Algorithm 1
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if args.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            optimizer.step()
+            update_ema(ema, model, step, args.ema_decay)
+            step += 1
+            window_loss += loss.detach()
+            window_steps += 1
+
+            final = step == args.steps
+            checkpoint = final or step % args.ckpt_every == 0 or stop.signum is not None
+            grid = final or step % args.sample_every == 0
+            now = time.perf_counter()
+            if not (checkpoint or grid or now - window_start >= LOG_INTERVAL):
+                continue
+            # A log point. Reading the loss is the loop's only host sync: at most twice a second.
+            mean_loss = (window_loss / window_steps).item()
+            if not math.isfinite(mean_loss):
+                kept = (f"the last good checkpoint, {ckpt_path}, is kept"
+                        if os.path.exists(ckpt_path) else "no checkpoint was written")
+                raise UserError(f"the loss became {mean_loss} between steps "
+                                f"{step - window_steps + 1} and {step}; stopped without saving "
+                                f"({kept}). Try a smaller --lr.")
+            train_time += now - window_start
+            rate = window_steps * B / (now - window_start)
+            log.write(json.dumps({"step": step, "loss": mean_loss, "lr": lr, "images_per_s": rate,
+                                  "time": wall_time()}) + "\n")
+            log.flush()
+            eta = (args.steps - step) * train_time / (step - start_step)
+            status.update(f"step {step}/{args.steps} | loss {mean_loss:.4f} | {rate:.1f} img/s | "
+                          f"lr {lr:.1e} | {format_time(wall_time())} elapsed, "
+                          f"{format_time(eta)} left", force=final)
+            window_loss.zero_()
+            window_steps = 0
+            if checkpoint:
+                save()
+            if stop.signum is not None:
+                status.print(f"stopped at step {step}; checkpoint saved to {ckpt_path}. Run the "
+                             "same command with --resume to continue.")
+                return 128 + stop.signum
+            if grid:
+                chain = draw(diffusion, ema, args.n, args.sampler, steps_per_grid, args.seed,
+                             chain=True)
+                save_pictures(args.out, step, chain)
+            window_start = time.perf_counter()      # sampling and saving are not training time
+    status.print(f"done: step {step} after {format_time(wall_time())} "
+                 f"({(step - start_step) * B / train_time:.1f} img/s while training). Samples: "
+                 f"{os.path.join(args.out, 'samples.png')}, reverse chain: "
+                 f"{os.path.join(args.out, 'chain.png')}, checkpoint: {ckpt_path}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling from a checkpoint
+# ---------------------------------------------------------------------------------------------
+
+
+def sample_only(args):
+    path = args.ckpt or os.path.join(args.out, "checkpoint.pt")
+    model, diffusion, config = load_ema(path, pick_device(args.device))
+    steps = sample_steps(args.sampler, args.sample_steps, config["T"])
+    x0 = draw(diffusion, model, args.n, args.sampler, steps, args.seed, chain=False)
+    png = os.path.join(os.path.dirname(path), f"sample_{args.sampler}{steps}_seed{args.seed}.png")
+    save_png(png, tile(x0, ncol=math.ceil(math.sqrt(args.n))))
+    print(f"wrote {args.n} samples ({args.sampler}, {steps} steps) to {png}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def nonnegative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
+def positive_float(text):
+    value = float(text)
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def nonnegative_float(text):
+    value = float(text)
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return value
+
+
+def fraction(text):
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1), got {text}")
+    return value
+
+
+def channel_count(text):
+    value = positive_int(text)
+    if value % 8:
+        raise argparse.ArgumentTypeError(f"must be a multiple of 8 (GroupNorm groups), got {text}")
+    return value
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Train the DDPM of ddpm.py on MNIST or Fashion-MNIST, or sample from a "
+                    "checkpoint. Defaults come from --preset; explicit flags override them.",
+        epilog="Missing data files are downloaded into --data-dir from public mirrors; the "
+               "environment variable MNIST_MIRRORS (base addresses separated by spaces) "
+               "replaces the built-in list.")
+    add = parser.add_argument
+    add("--dataset", choices=sorted(NAMES), default="mnist", help="(default: %(default)s)")
+    add("--data-dir", help="folder with the four IDX .gz files (default: data/<dataset>)")
+    add("--out", help="run folder (default: runs/<dataset>)")
+    add("--preset", choices=sorted(PRESETS), default="fast",
+        help="fast: digits in ~15 min on a CPU; paper: [Ho]'s recipe, for GPUs (default: fast)")
+    add("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    add("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
+        help="auto: cuda, else mps, else cpu (default: %(default)s)")
+    add("--seed", type=int, default=0, help="(default: %(default)s)")
+    model = parser.add_argument_group("model and diffusion (fixed for the life of a run)")
+    model.add_argument("--channels", type=channel_count,
+                       help="base width of the U-Net (default: %(default)s)")
+    model.add_argument("--res-blocks", type=positive_int,
+                       help="residual blocks per U-Net level (default: %(default)s)")
+    model.add_argument("--dropout", type=fraction, help="(default: %(default)s)")
+    model.add_argument("--T", type=positive_int, help="diffusion steps (default: %(default)s)")
+    model.add_argument("--schedule", choices=["linear", "cosine"],
+                       help="beta schedule (default: %(default)s)")
+    opt = parser.add_argument_group("optimisation")
+    opt.add_argument("--steps", type=positive_int,
+                     help="train until this many optimizer steps (default: %(default)s)")
+    opt.add_argument("--batch-size", type=positive_int, help="(default: %(default)s)")
+    opt.add_argument("--lr", type=positive_float,
+                     help="AdamW learning rate after the warm-up (default: %(default)s)")
+    opt.add_argument("--warmup", type=nonnegative_int,
+                     help="steps of linear learning-rate warm-up (default: %(default)s)")
+    opt.add_argument("--weight-decay", type=nonnegative_float, help="(default: %(default)s)")
+    opt.add_argument("--grad-clip", type=nonnegative_float,
+                     help="max gradient norm, 0 for none (default: %(default)s)")
+    opt.add_argument("--ema-decay", type=fraction,
+                     help="decay of the weight average used for sampling (default: %(default)s)")
+    out = parser.add_argument_group("pictures and checkpoints")
+    out.add_argument("--sampler", choices=["ddpm", "ddim"],
+                     help="ddpm: Algorithm 2 over all T steps; ddim: deterministic, in "
+                          "--sample-steps steps (default: %(default)s)")
+    out.add_argument("--sample-steps", type=positive_int,
+                     help="steps of the ddim sampler (default: 50); ddpm takes all T")
+    out.add_argument("--n", type=positive_int, default=64,
+                     help="samples per grid (default: %(default)s)")
+    out.add_argument("--sample-every", type=positive_int,
+                     help="steps between sample grids (default: %(default)s)")
+    out.add_argument("--ckpt-every", type=positive_int,
+                     help="steps between checkpoints (default: %(default)s)")
+    out.add_argument("--sample-only", action="store_true",
+                     help="write a grid of --n samples from --ckpt beside it, and exit")
+    out.add_argument("--ckpt", help="checkpoint for --sample-only (default: <out>/checkpoint.pt)")
+
+    # The preset decides the defaults, so find it first; the full parse reports a bad value.
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--preset", default="fast")
+    preset = first.parse_known_args(argv)[0].preset
+    parser.set_defaults(**PRESETS.get(preset, PRESETS["fast"]))
+    args = parser.parse_args(argv)
+    args.data_dir = args.data_dir or os.path.join("data", args.dataset)
+    args.out = args.out or os.path.join("runs", args.dataset)
+    if args.ckpt and not args.sample_only:
+        parser.error("--ckpt is for --sample-only; to continue a run use --resume with its --out")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        if args.sample_only:
+            return sample_only(args)
+        return train(args)
+    except (UserError, OSError) as e:           # OSError: a path, a permission, a full disk
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
