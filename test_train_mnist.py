@@ -31,9 +31,9 @@ FILES = list(tm.MD5["mnist"])
 # The runs below use one thread: their models are tiny, and on a machine busy with other work
 # torch's spinning worker threads can make a step 100x slower.
 ONE_THREAD = dict(os.environ, OMP_NUM_THREADS="1")
-# A tiny model and cheap pictures: a step takes milliseconds.
+# A tiny model and cheap pictures, no judge: a step takes milliseconds.
 TINY = ["--channels", "8", "--res-blocks", "1", "--batch-size", "8", "--sample-steps", "2",
-        "--n", "4", "--device", "cpu"]
+        "--n", "4", "--judge-n", "0", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module", autouse=True)
