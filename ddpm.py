@@ -169,14 +169,19 @@ class GaussianDiffusion(nn.Module):
         # x_t = a x0 + b eps and v = a eps - b x0 with a^2 + b^2 = 1 is a rotation; invert it.
         return a * x_t - b * model_output, b * x_t + a * model_output
 
-    def _denoise(self, model, x_t, t, clip_denoised):
-        """Run the model; return its (x0, eps), with x0 clipped to the data range [-1, 1] and eps
-        made consistent with the clipped x0 when clip_denoised."""
+    @staticmethod
+    def _run(model, x_t, t):
+        """model(x_t, t), which must be shaped like x_t (a broadcast would hide a wrong model)."""
         model_output = model(x_t, t)
         if model_output.shape != x_t.shape:
             raise ValueError(f"model output shape {tuple(model_output.shape)} != input shape "
                              f"{tuple(x_t.shape)}")
-        x0, eps = self.predict_x0_eps(model_output, x_t, t)
+        return model_output
+
+    def _denoise(self, model, x_t, t, clip_denoised):
+        """Run the model; return its (x0, eps), with x0 clipped to the data range [-1, 1] and eps
+        made consistent with the clipped x0 when clip_denoised."""
+        x0, eps = self.predict_x0_eps(self._run(model, x_t, t), x_t, t)
         if clip_denoised:
             x0 = x0.clamp(-1, 1)
             eps = ((x_t - extract(self.sqrt_alphas_cumprod, t, x_t) * x0)
@@ -200,7 +205,7 @@ class GaussianDiffusion(nn.Module):
         if t is None:
             t = torch.randint(0, self.T, (x0.shape[0],), device=x0.device)
         noise = torch.randn_like(x0) if noise is None else noise
-        model_output = model(self.q_sample(x0, t, noise), t)
+        model_output = self._run(model, self.q_sample(x0, t, noise), t)
         return F.mse_loss(model_output, self.training_target(x0, noise, t))
 
     @torch.no_grad()

@@ -762,3 +762,5 @@ def test_model_output_of_wrong_shape_is_rejected():
     diffusion = ddpm.GaussianDiffusion(ddpm.linear_beta_schedule(10))
     with pytest.raises(ValueError, match=r"\(4, 1\) != input shape \(4, 2\)"):
         diffusion.sample(lambda x_t, t: x_t[:, :1], (4, 2))
+    with pytest.raises(ValueError, match=r"\(4, 1\) != input shape \(4, 2\)"):   # not broadcast
+        diffusion.training_loss(lambda x_t, t: x_t[:, :1], torch.zeros(4, 2))

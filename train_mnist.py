@@ -44,17 +44,17 @@ import ddpm
 # 5000-step warm-up, batch 128, dropout 0.1, EMA 0.9999, 800k steps, ancestral sampling) on the
 # MNIST U-Net widened to 128 channels, for GPUs. Any flag given explicitly overrides its preset.
 PRESETS = {
-    "fast": {"channels": 32, "res_blocks": 2, "dropout": 0.0, "T": 1000, "schedule": "linear",
-             "steps": 2000, "batch_size": 64, "lr": 1e-3, "warmup": 100, "weight_decay": 0.0,
+    "fast": {"channels": 32, "channel_mult": "1,2,2", "res_blocks": 2, "dropout": 0.0, "T": 1000,
+             "schedule": "linear", "steps": 2000, "batch_size": 64, "lr": 1e-3, "warmup": 100, "weight_decay": 0.0,
              "grad_clip": 1.0, "ema_decay": 0.999, "sampler": "ddim", "sample_every": 500,
              "ckpt_every": 250},
-    "paper": {"channels": 128, "res_blocks": 2, "dropout": 0.1, "T": 1000, "schedule": "linear",
-              "steps": 800_000, "batch_size": 128, "lr": 2e-4, "warmup": 5000, "weight_decay": 0.0,
+    "paper": {"channels": 128, "channel_mult": "1,2,2", "res_blocks": 2, "dropout": 0.1, "T": 1000,
+              "schedule": "linear", "steps": 800_000, "batch_size": 128, "lr": 2e-4, "warmup": 5000, "weight_decay": 0.0,
               "grad_clip": 1.0, "ema_decay": 0.9999, "sampler": "ddpm", "sample_every": 10_000,
               "ckpt_every": 5000},
 }
 # The arguments that shape the model and the diffusion: a checkpoint resumes only if they match.
-MODEL_CONFIG = ("dataset", "channels", "res_blocks", "T", "schedule")
+MODEL_CONFIG = ("dataset", "channels", "channel_mult", "res_blocks", "T", "schedule")
 LOG_INTERVAL = 0.5          # seconds between log points (a metrics.jsonl line, a progress update)
 
 
@@ -290,7 +290,11 @@ def atomic_write(path, write):
 
 
 def make_model(config):
-    return ddpm.UNet(base_channels=config["channels"], num_res_blocks=config["res_blocks"],
+    """The U-Net of ddpm.py, with self-attention at its coarsest level (7x7 for three levels)."""
+    channel_mult = tuple(int(m) for m in config["channel_mult"].split(","))
+    return ddpm.UNet(base_channels=config["channels"], channel_mult=channel_mult,
+                     num_res_blocks=config["res_blocks"],
+                     attn_resolutions=(28 // 2 ** (len(channel_mult) - 1),),
                      dropout=config["dropout"])
 
 
@@ -832,6 +836,17 @@ def channel_count(text):
     return value
 
 
+def channel_mult(text):
+    try:
+        mult = [int(m) for m in text.split(",")]
+    except ValueError:
+        mult = []
+    if not 1 <= len(mult) <= 3 or min(mult) < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 to 3 positive integers separated by commas "
+                                         f"(e.g. 1,2,2), got {text}")
+    return ",".join(map(str, mult))
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description="Train the DDPM of ddpm.py on MNIST or Fashion-MNIST, or sample from a "
@@ -852,6 +867,9 @@ def parse_args(argv=None):
     model = parser.add_argument_group("model and diffusion (fixed for the life of a run)")
     model.add_argument("--channels", type=channel_count,
                        help="base width of the U-Net (default: %(default)s)")
+    model.add_argument("--channel-mult", type=channel_mult,
+                       help="width of each U-Net level in units of --channels; 28x28 images "
+                            "allow 1 to 3 levels (default: %(default)s)")
     model.add_argument("--res-blocks", type=positive_int,
                        help="residual blocks per U-Net level (default: %(default)s)")
     model.add_argument("--dropout", type=fraction, help="(default: %(default)s)")
