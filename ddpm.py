@@ -106,8 +106,10 @@ class GaussianDiffusion(nn.Module):
         # (beta_1 when T = 1 and there is no second value).
         first = posterior_variance[1:2] if len(betas) > 1 else betas
         clipped = torch.cat([first, posterior_variance[1:]])
-        model_variance = betas if variance == "beta" else posterior_variance
-        model_log_variance = betas.log() if variance == "beta" else clipped.log()
+        # sigma_t^2 of p(x_{t-1} | x_t). At the first step it only sets the decoder's width (eq. 13;
+        # Algorithm 2 adds no noise there): "beta" takes beta-tilde_2 there too, as [Ho]'s released
+        # code does, since beta_1 = 1e-4 would spread the decoder over several of the 2/255 bins.
+        model_variance = torch.cat([first, betas[1:]]) if variance == "beta" else posterior_variance
         constants = {
             "betas": betas, "alphas": alphas, "alphas_cumprod": alphas_cumprod,
             "alphas_cumprod_prev": alphas_cumprod_prev,
@@ -117,7 +119,8 @@ class GaussianDiffusion(nn.Module):
             "posterior_log_variance_clipped": clipped.log(),
             "posterior_mean_coef1": betas * alphas_cumprod_prev.sqrt() / (1 - alphas_cumprod),
             "posterior_mean_coef2": (1 - alphas_cumprod_prev) * alphas.sqrt() / (1 - alphas_cumprod),
-            "model_variance": model_variance, "model_log_variance": model_log_variance,
+            "model_variance": model_variance,
+            "model_log_variance": clipped.log() if variance == "beta_tilde" else model_variance.log(),
         }
         for name, value in constants.items():
             self.register_buffer(name, value.float())
@@ -147,7 +150,7 @@ class GaussianDiffusion(nn.Module):
         return (mean, extract(self.posterior_variance, t, x_t),
                 extract(self.posterior_log_variance_clipped, t, x_t))
 
-    # --- Parameterisations: the one place that converts between eps, x0 and v ---------------------
+    # --- Parameterisations: eps, x0 and v, and the conversions between them ---------------------
 
     def training_target(self, x0, noise, t):
         """What the model should output for x_t = q_sample(x0, t, noise)."""
@@ -192,7 +195,8 @@ class GaussianDiffusion(nn.Module):
 
     def p_mean_variance(self, model, x_t, t, clip_denoised=True):
         """eq. 1 / sec. 3.2: p(x_{t-1} | x_t) = N(mean, sigma_t^2 I), with the mean the posterior
-        mean (eq. 7) at the model's prediction of x0 -- for eps-prediction this equals eq. 11."""
+        mean (eq. 7) at the model's prediction of x0 -- for eps-prediction without clipping this is
+        eq. 11; with clip_denoised, x0 is clipped to [-1, 1] first."""
         _check_data(x_t, "x_t")
         pred_x0, _ = self._denoise(model, x_t, t, clip_denoised)
         mean, _, _ = self.q_posterior_mean_variance(pred_x0, x_t, t)
@@ -233,14 +237,14 @@ class GaussianDiffusion(nn.Module):
     def ddim_sample(self, model, shape, steps=50, eta=0.0, generator=None, clip_denoised=True,
                     return_chain=False):
         """[Song] eq. 12 over `steps` timesteps from T-1 down to 0 (just T-1 when steps = 1):
-        x_s = sqrt(alpha-bar_s) x0 + sqrt(1 - alpha-bar_s - sigma^2) eps + sigma z, where
-        sigma = eta sqrt((1 - alpha-bar_s) / (1 - alpha-bar_t)) sqrt(1 - alpha-bar_t / alpha-bar_s).
+        x_s = sqrt(alpha-bar_s) x0 + sqrt(1 - alpha-bar_s - sigma^2) eps + sigma z, where ([Song]
+        eq. 16) sigma = eta sqrt((1 - alpha-bar_s) / (1 - alpha-bar_t)) sqrt(1 - alpha-bar_t / alpha-bar_s).
         eta = 0 is deterministic given x_T; eta = 1 with steps = T is Algorithm 2 with beta-tilde.
         Returns x0, or with return_chain all steps + 1 states, shaped (steps + 1, *shape)."""
         if not (isinstance(steps, int) and 1 <= steps <= self.T):
             raise ValueError(f"steps must be an integer in 1..{self.T}, got {steps!r}")
-        if eta < 0:
-            raise ValueError(f"eta must be >= 0, got {eta}")
+        if not 0 <= eta <= 1:
+            raise ValueError(f"eta must lie in [0, 1], got {eta}")
         # Spacing (T-1)/(steps-1) >= 1, so rounding keeps the timesteps distinct.
         timesteps = torch.linspace(self.T - 1, 0, steps).round().long().tolist()
         x = torch.randn(shape, generator=generator, device=self.betas.device)
@@ -252,6 +256,7 @@ class GaussianDiffusion(nn.Module):
             ab_s = self.alphas_cumprod[timesteps[i + 1]] if i + 1 < steps else ab_t.new_ones(())
             sigma = eta * ((1 - ab_s) / (1 - ab_t) * (1 - ab_t / ab_s)).sqrt()
             z = torch.randn(shape, generator=generator, device=x.device)
+            # 1 - alpha-bar_s - sigma^2 >= 0 for eta <= 1; the clamp only absorbs rounding.
             x = ab_s.sqrt() * x0 + (1 - ab_s - sigma**2).clamp(min=0).sqrt() * eps + sigma * z
             if return_chain:
                 chain.append(x)
@@ -423,8 +428,9 @@ class UNet(nn.Module):
             raise ValueError(f"expected input shaped (B, {self.in_channels}, H, W), got "
                              f"{tuple(x.shape)}")
         if x.shape[2] % self.factor or x.shape[3] % self.factor:
-            raise ValueError(f"height and width must be multiples of {self.factor} "
-                             f"(e.g. 28 or 32), got {x.shape[2]}x{x.shape[3]}")
+            fit = "x".join(str(-(-n // self.factor) * self.factor) for n in x.shape[2:])
+            raise ValueError(f"height and width must be multiples of {self.factor}, got "
+                             f"{x.shape[2]}x{x.shape[3]}; pad the input to {fit}, for example")
         emb = self.time_embed(t)
         h = self.stem(x)
         skips = [h]
