@@ -19,6 +19,7 @@ import argparse
 import copy
 import gzip
 import hashlib
+import http.client
 import itertools
 import json
 import math
@@ -44,14 +45,14 @@ import ddpm
 # 5000-step warm-up, batch 128, dropout 0.1, EMA 0.9999, 800k steps, ancestral sampling) on the
 # MNIST U-Net widened to 128 channels, for GPUs. Any flag given explicitly overrides its preset.
 PRESETS = {
-    "fast": {"channels": 32, "channel_mult": "1,2,2", "res_blocks": 2, "dropout": 0.0, "T": 1000,
-             "schedule": "linear", "steps": 2000, "batch_size": 64, "lr": 1e-3, "warmup": 100, "weight_decay": 0.0,
-             "grad_clip": 1.0, "ema_decay": 0.999, "sampler": "ddim", "sample_every": 500,
-             "ckpt_every": 250},
-    "paper": {"channels": 128, "channel_mult": "1,2,2", "res_blocks": 2, "dropout": 0.1, "T": 1000,
-              "schedule": "linear", "steps": 800_000, "batch_size": 128, "lr": 2e-4, "warmup": 5000, "weight_decay": 0.0,
-              "grad_clip": 1.0, "ema_decay": 0.9999, "sampler": "ddpm", "sample_every": 10_000,
-              "ckpt_every": 5000},
+    "fast": {"channels": 16, "channel_mult": "1,2,4", "res_blocks": 2, "dropout": 0.0,
+             "T": 1000, "schedule": "linear", "steps": 2400, "batch_size": 64, "lr": 1e-3,
+             "lr_schedule": "cosine", "warmup": 100, "weight_decay": 0.0, "grad_clip": 1.0, "ema_decay": 0.995,
+             "sampler": "ddim", "sample_every": 600, "ckpt_every": 300},
+    "paper": {"channels": 128, "channel_mult": "1,2,2", "res_blocks": 2, "dropout": 0.1,
+              "T": 1000, "schedule": "linear", "steps": 800_000, "batch_size": 128, "lr": 2e-4,
+              "lr_schedule": "constant", "warmup": 5000, "weight_decay": 0.0, "grad_clip": 1.0, "ema_decay": 0.9999,
+              "sampler": "ddpm", "sample_every": 10_000, "ckpt_every": 5000},
 }
 # The arguments that shape the model and the diffusion: a checkpoint resumes only if they match.
 MODEL_CONFIG = ("dataset", "channels", "channel_mult", "res_blocks", "T", "schedule")
@@ -117,7 +118,9 @@ def download(filename, md5, folder, mirrors, status):
             os.replace(tmp, path)
             status.print(f"downloaded {url} ({done / 1e6:.1f} MB, MD5 ok)")
             return path
-        except (OSError, ValueError) as e:     # URLError, HTTPError and timeouts are OSErrors
+        # URLError, HTTPError and timeouts are OSErrors; a connection lost mid-file raises
+        # IncompleteRead, an HTTPException.
+        except (OSError, ValueError, http.client.HTTPException) as e:
             failures.append(f"{url}: {e}")
         finally:
             if os.path.exists(tmp):
@@ -316,6 +319,10 @@ def load_checkpoint(path):
     if not (isinstance(ckpt, dict)
             and {"step", "elapsed", "args", "rng", "model", "ema", "optimizer"} <= ckpt.keys()):
         raise UserError(f"{path} is not a checkpoint written by train_mnist.py")
+    missing = [k for k in (*MODEL_CONFIG, "dropout") if k not in ckpt["args"]]
+    if missing:
+        raise UserError(f"{path} was written by an older train_mnist.py (its arguments lack "
+                        f"{', '.join(missing)}); train a new run")
     return ckpt
 
 
@@ -406,7 +413,17 @@ def update_ema(ema, model, step, decay):
     """ema <- d ema + (1 - d) model with d = min(decay, (1 + step) / (10 + step)): the warm-up
     forgets the random initial weights quickly, so that short runs sample well too."""
     d = min(decay, (1 + step) / (10 + step))
-    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - d)
+    for average, current in zip(ema.parameters(), model.parameters()):
+        average.lerp_(current, 1 - d)
+
+
+def learning_rate(args, step):
+    """The learning rate of the step after `step` steps: a linear warm-up over --warmup steps,
+    then --lr, held constant ([Ho]) or decayed along a half cosine to 0 at --steps."""
+    lr = args.lr * min(1.0, (step + 1) / args.warmup) if args.warmup else args.lr
+    if args.lr_schedule == "cosine":
+        lr *= (1 + math.cos(math.pi * step / args.steps)) / 2
+    return lr
 
 
 def format_time(seconds):
@@ -423,10 +440,6 @@ def train(args):
     if not args.resume and os.path.exists(ckpt_path):
         raise UserError(f"{args.out} already holds a run; pass --resume to continue it, or "
                         "choose another --out")
-    os.makedirs(args.out, exist_ok=True)
-    atomic_write(os.path.join(args.out, "args.json"),
-                 lambda f: f.write(json.dumps(config, indent=2).encode()))
-
     images, _ = load_split(args.data_dir, args.dataset, "train", status)
     if args.batch_size > len(images):
         raise UserError(f"--batch-size {args.batch_size} exceeds the {len(images)} images")
@@ -453,6 +466,8 @@ def train(args):
         load_weights(model, ckpt["model"], ckpt_path)
         load_weights(ema, ckpt["ema"], ckpt_path)
         optimizer.load_state_dict(ckpt["optimizer"])
+        for group in optimizer.param_groups:       # the state holds the old run's setting
+            group["weight_decay"] = args.weight_decay
         torch.set_rng_state(ckpt["rng"]["cpu"])
         if cuda and "cuda" in ckpt["rng"]:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
@@ -460,6 +475,9 @@ def train(args):
         if step >= args.steps:
             status.print(f"{ckpt_path} is at step {step} >= --steps {args.steps}: nothing to do")
             return 0
+    os.makedirs(args.out, exist_ok=True)
+    atomic_write(os.path.join(args.out, "args.json"),
+                 lambda f: f.write(json.dumps(config, indent=2).encode()))
 
     def wall_time():
         """Seconds since the run began, over all its sessions, loading and sampling included."""
@@ -487,7 +505,7 @@ def train(args):
           StopRequest(status) as stop):
         while step < args.steps:
             x0 = to_unit_range(images[next(data)])              # (B, 1, 28, 28) on [-1, 1]
-            lr = args.lr * min(1.0, (step + 1) / args.warmup) if args.warmup else args.lr
+            lr = learning_rate(args, step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with autocast:
@@ -508,14 +526,17 @@ def train(args):
             now = time.perf_counter()
             if not (checkpoint or grid or now - window_start >= LOG_INTERVAL):
                 continue
-            # A log point. Reading the loss is the loop's only host sync: at most twice a second.
+            # A log point. Reading the loss and checking the weights are the loop's only host
+            # syncs: at most twice a second. A non-finite update leaves non-finite weights even
+            # when the losses before it were finite, so both are checked before anything is saved.
             mean_loss = (window_loss / window_steps).item()
-            if not math.isfinite(mean_loss):
+            finite = torch.stack([p.isfinite().all() for p in model.parameters()]).all().item()
+            if not (math.isfinite(mean_loss) and finite):
                 kept = (f"the last good checkpoint, {ckpt_path}, is kept"
                         if os.path.exists(ckpt_path) else "no checkpoint was written")
-                raise UserError(f"the loss became {mean_loss} between steps "
-                                f"{step - window_steps + 1} and {step}; stopped without saving "
-                                f"({kept}). Try a smaller --lr.")
+                what = f"the loss became {mean_loss}" if finite else "the weights became non-finite"
+                raise UserError(f"{what} between steps {step - window_steps + 1} and {step}; "
+                                f"stopped without saving ({kept}). Try a smaller --lr.")
             train_time += now - window_start
             rate = window_steps * B / (now - window_start)
             log.write(json.dumps({"step": step, "loss": mean_loss, "lr": lr, "images_per_s": rate,
@@ -884,6 +905,10 @@ def parse_args(argv=None):
                      help="AdamW learning rate after the warm-up (default: %(default)s)")
     opt.add_argument("--warmup", type=nonnegative_int,
                      help="steps of linear learning-rate warm-up (default: %(default)s)")
+    opt.add_argument("--lr-schedule", choices=["constant", "cosine"],
+                     help="after the warm-up: constant, or down to 0 at --steps along a half "
+                          "cosine (resuming with a larger --steps then raises it again) "
+                          "(default: %(default)s)")
     opt.add_argument("--weight-decay", type=nonnegative_float, help="(default: %(default)s)")
     opt.add_argument("--grad-clip", type=nonnegative_float,
                      help="max gradient norm, 0 for none (default: %(default)s)")
