@@ -23,6 +23,12 @@ from torch.utils.flop_counter import FlopCounterMode
 import ddpm
 
 IMAGE = (1, 28, 28)
+# The U-Nets timed. "reference": ddpm.UNet's defaults, channels (32, 64, 64), 2 residual blocks per
+# level, attention at 7x7, GroupNorm(8) -- the size of the diffusers UNet2DModel that the speed
+# targets were set against. "default": the model that `python train_mnist.py` trains (its "fast"
+# preset). The smoke mode shrinks both.
+MODELS = {"reference": {}, "default": {"base_channels": 16, "channel_mult": (1, 2, 4), "dropout": 0.0}}
+SMOKE = {"base_channels": 8, "num_res_blocks": 1}
 
 
 def pick_device(name):
@@ -78,21 +84,22 @@ def peak_memory_mib(device):
         return peak / 2**20 if platform.system() == "Darwin" else peak / 1024
 
 
-def matmul_ceiling(device, n, repeats):
-    """GFLOP/s of an n x n fp32 matmul: what this machine's arithmetic reaches right now."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+def matmul_ceiling(device, n, repeats, dtype):
+    """GFLOP/s of an n x n matmul in `dtype`: what this machine's arithmetic reaches right now."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     timings(lambda: a @ b, device, 2)                                   # warm-up
     return spread([2 * n**3 / s / 1e9 for s in timings(lambda: a @ b, device, repeats)])
 
 
-def make_model(smoke, device):
+def make_model(name, smoke, device):
     torch.manual_seed(0)
-    return (ddpm.UNet(base_channels=8) if smoke else ddpm.UNet()).to(device)
+    return ddpm.UNet(**(MODELS[name] | (SMOKE if smoke else {}))).to(device)
 
 
-def train_bench(args, device, diffusion, batch, compile_model):
-    """Images/s of the whole training step: forward, training_loss, backward, AdamW step."""
-    model = make_model(args.smoke, device)
+def train_bench(args, device, diffusion, name, batch, precision, compile_model):
+    """Images/s of the whole training step: forward, training_loss (under bf16 autocast when
+    precision is "bf16", as train_mnist.py trains), backward, AdamW step."""
+    model = make_model(name, args.smoke, device)
     # FLOPs counted on the eager model: the convolutions, matmuls and attention of forward and
     # backward (elementwise ops and the optimizer are not counted; compiling changes none).
     x0 = torch.rand(batch, *IMAGE, device=device) * 2 - 1
@@ -104,7 +111,9 @@ def train_bench(args, device, diffusion, batch, compile_model):
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        diffusion.training_loss(net, x0).backward()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = diffusion.training_loss(net, x0)
+        loss.backward()
         optimizer.step()
 
     reset_peak_memory(device)
@@ -112,7 +121,8 @@ def train_bench(args, device, diffusion, batch, compile_model):
     timings(step, device, args.warmup - 1)
     seconds = timings(step, device, args.steps)
     flops = counter.get_total_flops()
-    return {"batch": batch, "compiled": compile_model, "first_step_s": first,
+    return {"model": name, "params": sum(p.numel() for p in model.parameters()), "batch": batch,
+            "precision": precision, "compiled": compile_model, "first_step_s": first,
             "img_per_s": spread([batch / s for s in seconds]),
             "gflop_per_s": flops / statistics.median(seconds) / 1e9,
             "flop_per_image": flops / batch, "peak_mib": peak_memory_mib(device)}
@@ -120,8 +130,8 @@ def train_bench(args, device, diffusion, batch, compile_model):
 
 def sampling_bench(args, device, diffusion):
     """Seconds per `n` images for `sample` (all T steps) and `ddim_sample` (50 steps), with the
-    UNet and with a model that returns zeros (the samplers' own overhead)."""
-    n, model = args.sample_batch, make_model(args.smoke, device).eval()
+    reference UNet and with a model that returns zeros (the samplers' own overhead)."""
+    n, model = args.sample_batch, make_model("reference", args.smoke, device).eval()
     shape, T = (n, *IMAGE), diffusion.T
 
     def zeros(x_t, t):
@@ -156,14 +166,23 @@ def run(args):
     device = pick_device(args.device)
     diffusion = ddpm.GaussianDiffusion(ddpm.linear_beta_schedule(1000)).to(device)
     result = {"device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
-              "cpu": cpu_name(), "params": sum(p.numel() for p in make_model(args.smoke, device)
-                                               .parameters())}
-    result["ceiling_before"] = matmul_ceiling(device, args.matmul_n, args.matmul_repeats)
-    result["train"] = [train_bench(args, device, diffusion, b, c)
-                       for c in ([False, True] if args.compile else [False]) for b in args.batches]
-    result["ceiling_after"] = matmul_ceiling(device, args.matmul_n, args.matmul_repeats)
-    ceiling = (result["ceiling_before"]["median"] + result["ceiling_after"]["median"]) / 2
-    for row in result["train"]:
+              "cpu": cpu_name()}
+    precisions = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+    def ceilings():
+        return {p: matmul_ceiling(device, args.matmul_n, args.matmul_repeats, dtype)
+                for p, dtype in precisions.items()}
+
+    result["ceiling_before"] = ceilings()
+    runs = ([("reference", b, "fp32") for b in args.batches]
+            + [("reference", args.batches[-1], "bf16")]
+            + [("default", args.default_batch, p) for p in precisions])
+    result["train"] = [train_bench(args, device, diffusion, name, b, p, c)
+                       for c in ([False, True] if args.compile else [False]) for name, b, p in runs]
+    result["ceiling_after"] = ceilings()
+    for row in result["train"]:      # against the matmul of the same precision, before and after
+        p = row["precision"]
+        ceiling = (result["ceiling_before"][p]["median"] + result["ceiling_after"][p]["median"]) / 2
         row["fraction_of_ceiling"] = row["gflop_per_s"] / ceiling
     result["sampling"] = sampling_bench(args, device, diffusion)
     return result
@@ -182,21 +201,28 @@ def print_table(r, args):
         return f"{d['median']:{fmt}}  ({d['min']:{fmt}} - {d['max']:{fmt}})"
 
     n = args.matmul_n
-    print(f"ddpm bench: {r['device']} ({r['cpu']}, {r['threads']} threads), torch {r['torch']}, "
-          f"UNet with {r['params']:,} parameters{'  [SMOKE: tiny sizes]' if args.smoke else ''}")
-    print(f"fp32 matmul ceiling, {n}x{n} @ {n}x{n}, GFLOP/s median (min - max):")
-    print(f"  before  {mmm(r['ceiling_before'], '6.1f')}\n  after   {mmm(r['ceiling_after'], '6.1f')}")
-    flop = r["train"][0]["flop_per_image"]
+    print(f"ddpm bench: {r['device']} ({r['cpu']}, {r['threads']} threads), torch {r['torch']}"
+          f"{'  [SMOKE: tiny sizes]' if args.smoke else ''}")
+    print(f"matmul ceiling, {n}x{n} @ {n}x{n}, GFLOP/s median (min - max):")
+    for p in r["ceiling_before"]:
+        print(f"  {p}  before  {mmm(r['ceiling_before'][p], '6.1f')}   after  "
+              f"{mmm(r['ceiling_after'][p], '6.1f')}")
     print(f"\ntraining step = forward + training_loss + backward + AdamW step, {args.steps} timed "
-          f"steps after {args.warmup} warm-up;\n{flop / 1e6:.0f} MFLOP/image "
-          "(FlopCounterMode, forward + backward); fraction of the mean of both ceilings")
-    print(" batch  compiled  img/s median (min - max)   GFLOP/s  of ceiling  peak MiB  first step s")
+          f"steps after {args.warmup} warm-up;\nMFLOP/image by FlopCounterMode (forward + "
+          "backward); GFLOP/s as a fraction of the mean of both ceilings of its precision "
+          "(bf16: autocast).\nreference: "
+          "ddpm.UNet(), channels (32, 64, 64); default: the model `python train_mnist.py` trains, "
+          "(16, 32, 64)")
+    print("model      params  MFLOP/img  batch  precision  compiled  img/s median (min - max)   "
+          "GFLOP/s  of ceiling  peak MiB  first step s")
     for t in r["train"]:
-        print(f"{t['batch']:6d}  {'yes' if t['compiled'] else 'no':>8}  "
+        print(f"{t['model']:9s} {t['params'] / 1e6:6.2f}M  {t['flop_per_image'] / 1e6:9.0f}  "
+              f"{t['batch']:5d}  {t['precision']:>9}  {'yes' if t['compiled'] else 'no':>8}  "
               f"{mmm(t['img_per_s'], '6.1f')}  {t['gflop_per_s']:8.1f}  "
               f"{t['fraction_of_ceiling']:10.2f}  {t['peak_mib']:8.0f}  {t['first_step_s']:12.2f}")
     s = r["sampling"]
-    print(f"\nsampling {s['images']} images, model.eval(), seconds median (min - max) over "
+    print(f"\nsampling {s['images']} images with the reference UNet in eval mode, seconds median "
+          "(min - max) over "
           f"{args.sample_repeats} interleaved runs:")
     print(f"  sample, {s['T']} steps   {mmm(s['sample_s'], '8.2f')}   extrapolated: "
           f"first {s['prefix_steps_timed']} steps timed, x {s['T'] / s['prefix_steps_timed']:g}")
@@ -216,10 +242,12 @@ def main():
     args = p.parse_args()
     if args.smoke:
         args.batches, args.warmup, args.steps, args.matmul_n, args.matmul_repeats = [2, 4], 1, 2, 64, 3
+        args.default_batch = 2
         args.sample_batch, args.prefix, args.ddim_steps, args.sample_repeats = 2, 2, 5, 1
     else:
         args.batches, args.warmup, args.steps, args.matmul_n, args.matmul_repeats = \
             [32, 64, 128], 3, 10, 2048, 10
+        args.default_batch = 64
         args.sample_batch, args.prefix, args.ddim_steps, args.sample_repeats = 64, 50, 50, 3
     if args.device != "auto" and not {"cuda": torch.cuda.is_available,
                                       "mps": torch.backends.mps.is_available,
