@@ -16,6 +16,10 @@ import platform
 import resource
 import statistics
 import time
+import warnings
+
+# torch warns at import when NumPy is missing; nothing here needs NumPy.
+warnings.filterwarnings("ignore", "Failed to initialize NumPy", UserWarning)
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode

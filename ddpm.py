@@ -13,6 +13,8 @@ Notation, as in [Ho]
 
 Timestep convention: an integer tensor `t` with values in 0..T-1 (one per batch element) indexes the
 paper's t = 1..T. So t = 0 is the paper's t = 1, the last denoising step, and T-1 is pure noise.
+A t outside 0..T-1 raises ValueError on the CPU; on accelerators that check is skipped, as it would
+make every call wait for the device.
 
 Torch is the only dependency: copy this file into your project.
 """
@@ -30,7 +32,7 @@ from torch import nn
 
 def linear_beta_schedule(T, beta_start=1e-4, beta_end=0.02):
     """[Ho] sec. 4: betas increase linearly from beta_start to beta_end."""
-    if not (isinstance(T, int) and T >= 1):
+    if not (isinstance(T, int) and not isinstance(T, bool) and T >= 1):
         raise ValueError(f"T must be an integer >= 1, got {T!r}")
     if not 0 < beta_start <= beta_end <= 1:
         raise ValueError(f"need 0 < beta_start <= beta_end <= 1, got {beta_start}, {beta_end}")
@@ -40,7 +42,7 @@ def linear_beta_schedule(T, beta_start=1e-4, beta_end=0.02):
 def cosine_beta_schedule(T, s=0.008, max_beta=0.999):
     """[Nichol] eq. 17: alpha-bar(t) = f(t) / f(0), f(t) = cos^2((t/T + s) / (1 + s) * pi/2);
     beta_t = 1 - alpha-bar(t) / alpha-bar(t-1), clipped at max_beta to avoid a singularity at t=T."""
-    if not (isinstance(T, int) and T >= 1):
+    if not (isinstance(T, int) and not isinstance(T, bool) and T >= 1):
         raise ValueError(f"T must be an integer >= 1, got {T!r}")
     if not (s >= 0 and 0 < max_beta <= 1):
         raise ValueError(f"need s >= 0 and 0 < max_beta <= 1, got s={s}, max_beta={max_beta}")
@@ -98,6 +100,9 @@ class GaussianDiffusion(nn.Module):
 
         alphas = 1 - betas
         alphas_cumprod = torch.cumprod(alphas, 0)
+        if alphas_cumprod.float()[-1] == 0:    # eq. 4 could not be inverted for x0 at the end
+            raise ValueError("alpha-bar_T is 0 in float32 (a beta of 1, or too much noise): x_T "
+                             "keeps no trace of x0; use betas < 1, e.g. max_beta=0.999")
         alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
         # eq. 7: q(x_{t-1} | x_t, x0) = N(posterior_mean_coef1 x0 + posterior_mean_coef2 x_t,
         #                                  posterior_variance)
@@ -107,9 +112,11 @@ class GaussianDiffusion(nn.Module):
         first = posterior_variance[1:2] if len(betas) > 1 else betas
         clipped = torch.cat([first, posterior_variance[1:]])
         # sigma_t^2 of p(x_{t-1} | x_t). At the first step it only sets the decoder's width (eq. 13;
-        # Algorithm 2 adds no noise there): "beta" takes beta-tilde_2 there too, as [Ho]'s released
-        # code does, since beta_1 = 1e-4 would spread the decoder over several of the 2/255 bins.
-        model_variance = torch.cat([first, betas[1:]]) if variance == "beta" else posterior_variance
+        # Algorithm 2 adds no noise there), and both choices take beta-tilde_2 there, as [Ho]'s
+        # released code does: beta-tilde_1 = 0 has no density, and beta_1 = 1e-4 would spread the
+        # decoder over several of the 2/255-wide bins.
+        fixed = betas if variance == "beta" else posterior_variance
+        model_variance = torch.cat([first, fixed[1:]])
         constants = {
             "betas": betas, "alphas": alphas, "alphas_cumprod": alphas_cumprod,
             "alphas_cumprod_prev": alphas_cumprod_prev,
@@ -120,7 +127,7 @@ class GaussianDiffusion(nn.Module):
             "posterior_mean_coef1": betas * alphas_cumprod_prev.sqrt() / (1 - alphas_cumprod),
             "posterior_mean_coef2": (1 - alphas_cumprod_prev) * alphas.sqrt() / (1 - alphas_cumprod),
             "model_variance": model_variance,
-            "model_log_variance": clipped.log() if variance == "beta_tilde" else model_variance.log(),
+            "model_log_variance": model_variance.log(),
         }
         for name, value in constants.items():
             self.register_buffer(name, value.float())
@@ -168,9 +175,14 @@ class GaussianDiffusion(nn.Module):
         if self.prediction == "eps":
             return (x_t - b * model_output) / a, model_output
         if self.prediction == "x0":
-            return model_output, (x_t - a * model_output) / b
+            return model_output, self.eps_from_x0(model_output, x_t, t)
         # x_t = a x0 + b eps and v = a eps - b x0 with a^2 + b^2 = 1 is a rotation; invert it.
         return a * x_t - b * model_output, b * x_t + a * model_output
+
+    def eps_from_x0(self, x0, x_t, t):
+        """eq. 4 solved for the noise: eps = (x_t - sqrt(alpha-bar_t) x0) / sqrt(1 - alpha-bar_t)."""
+        return ((x_t - extract(self.sqrt_alphas_cumprod, t, x_t) * x0)
+                / extract(self.sqrt_one_minus_alphas_cumprod, t, x_t))
 
     @staticmethod
     def _run(model, x_t, t):
@@ -187,8 +199,7 @@ class GaussianDiffusion(nn.Module):
         x0, eps = self.predict_x0_eps(self._run(model, x_t, t), x_t, t)
         if clip_denoised:
             x0 = x0.clamp(-1, 1)
-            eps = ((x_t - extract(self.sqrt_alphas_cumprod, t, x_t) * x0)
-                   / extract(self.sqrt_one_minus_alphas_cumprod, t, x_t))
+            eps = self.eps_from_x0(x0, x_t, t)
         return x0, eps
 
     # --- Reverse process ------------------------------------------------------------------------
@@ -240,13 +251,15 @@ class GaussianDiffusion(nn.Module):
         x_s = sqrt(alpha-bar_s) x0 + sqrt(1 - alpha-bar_s - sigma^2) eps + sigma z, where ([Song]
         eq. 16) sigma = eta sqrt((1 - alpha-bar_s) / (1 - alpha-bar_t)) sqrt(1 - alpha-bar_t / alpha-bar_s).
         eta = 0 is deterministic given x_T; eta = 1 with steps = T is Algorithm 2 with beta-tilde.
+        sigma comes from eta, so the `variance` setting plays no part here.
         Returns x0, or with return_chain all steps + 1 states, shaped (steps + 1, *shape)."""
         if not (isinstance(steps, int) and 1 <= steps <= self.T):
             raise ValueError(f"steps must be an integer in 1..{self.T}, got {steps!r}")
         if not 0 <= eta <= 1:
             raise ValueError(f"eta must lie in [0, 1], got {eta}")
-        # Spacing (T-1)/(steps-1) >= 1, so rounding keeps the timesteps distinct.
-        timesteps = torch.linspace(self.T - 1, 0, steps).round().long().tolist()
+        # Spacing (T-1)/(steps-1) >= 1, so rounding keeps the timesteps distinct (in float64: float32
+        # rounding errors exceed the half-step margin once T is in the thousands).
+        timesteps = torch.linspace(self.T - 1, 0, steps, dtype=torch.float64).round().long().tolist()
         x = torch.randn(shape, generator=generator, device=self.betas.device)
         chain = [x]
         for i, step in enumerate(timesteps):
@@ -409,7 +422,8 @@ class UNet(nn.Module):
             if level < len(widths) - 1:                        # stride-2 conv halves H and W
                 self.down.append(nn.Conv2d(ch, ch, 3, stride=2, padding=1))
                 skips.append(ch)
-        self.middle = Block(ch, ch, emb_dim, dropout, groups, attn=True)   # res, attn, res
+        # The middle: res, attn, res.
+        self.middle = Block(ch, ch, emb_dim, dropout, groups, attn=True)
         self.middle_res = ResBlock(ch, ch, emb_dim, dropout, groups)
         self.up = nn.ModuleList()
         for level in reversed(range(len(widths))):

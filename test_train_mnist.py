@@ -1,8 +1,9 @@
 """Tests of train_mnist.py: data (IDX parsing, downloads), pictures, checkpoints, resume, the CLI.
 
 The fast tests use a synthetic dataset in the IDX format; the ones marked slow use the real MNIST
-and Fashion-MNIST files from the folders in $MNIST_DIR (default ../shared/data/mnist) and
-$FASHION_MNIST_DIR (default /usr/share/datasets/fashion-mnist). Under CI=true a missing folder is a
+and Fashion-MNIST files from the folders in $MNIST_DIR (default data/mnist, where
+`python train_mnist.py` downloads it) and $FASHION_MNIST_DIR (default
+/usr/share/datasets/fashion-mnist, where Debian's dataset-fashion-mnist package puts it). Under CI=true a missing folder is a
 failure, elsewhere a skip.
 """
 
@@ -42,6 +43,9 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+MNIST_DEFAULT = os.path.join(HERE, "data", "mnist")
 
 
 def real_data_dir(variable, default):
@@ -573,7 +577,7 @@ MNIST_COUNTS = {"train": [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 
 @pytest.mark.slow
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_real_mnist_loads(split):
-    folder = real_data_dir("MNIST_DIR", os.path.join(HERE, "..", "shared", "data", "mnist"))
+    folder = real_data_dir("MNIST_DIR", MNIST_DEFAULT)
     images, labels = tm.load_split(folder, "mnist", split, tm.Status())
     n = tm.SPLITS[split][2]
     assert images.shape == (n, 28, 28) and images.dtype == torch.uint8
@@ -594,7 +598,7 @@ def test_real_fashion_mnist_loads():
 
 @pytest.mark.slow
 def test_a_published_mnist_file_passes_the_md5_check(tmp_path, server):
-    folder = real_data_dir("MNIST_DIR", os.path.join(HERE, "..", "shared", "data", "mnist"))
+    folder = real_data_dir("MNIST_DIR", MNIST_DEFAULT)
     root, base = server
     name = "t10k-labels-idx1-ubyte.gz"             # byte-identical to the published file
     (root / name).write_bytes(read_bytes(os.path.join(folder, name)))
@@ -605,7 +609,7 @@ def test_a_published_mnist_file_passes_the_md5_check(tmp_path, server):
 
 @pytest.mark.slow
 def test_short_real_mnist_run_then_sample_only(tmp_path):
-    folder = real_data_dir("MNIST_DIR", os.path.join(HERE, "..", "shared", "data", "mnist"))
+    folder = real_data_dir("MNIST_DIR", MNIST_DEFAULT)
     out = tmp_path / "run"
     run = subprocess.run(
         [sys.executable, "train_mnist.py", "--data-dir", folder, "--out", out, "--steps", "40",
@@ -641,7 +645,7 @@ def test_the_judge_is_accurate_and_tells_real_digits_from_damaged_ones(tmp_path)
     held-out test digits score near the real-vs-real floor, are confidently classified and cover
     all 10 classes; pure noise, blurred digits and noisy digits score far from the floor. The
     numbers are printed (pytest -s) and quoted in the README."""
-    folder = real_data_dir("MNIST_DIR", os.path.join(HERE, "..", "shared", "data", "mnist"))
+    folder = real_data_dir("MNIST_DIR", MNIST_DEFAULT)
     torch.set_num_threads(2)
     judge, accuracy = tm.load_judge(str(tmp_path), folder, torch.device("cpu"), tm.Status())
     assert accuracy >= 0.99

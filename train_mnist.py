@@ -30,7 +30,11 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import warnings
 import zlib
+
+# torch warns at import when NumPy is missing; nothing here needs NumPy.
+warnings.filterwarnings("ignore", "Failed to initialize NumPy", UserWarning)
 
 import torch
 
