@@ -112,9 +112,8 @@ class GaussianDiffusion(nn.Module):
         first = posterior_variance[1:2] if len(betas) > 1 else betas
         clipped = torch.cat([first, posterior_variance[1:]])
         # sigma_t^2 of p(x_{t-1} | x_t). At the first step it only sets the decoder's width (eq. 13;
-        # Algorithm 2 adds no noise there), and both choices take beta-tilde_2 there, as [Ho]'s
-        # released code does: beta-tilde_1 = 0 has no density, and beta_1 = 1e-4 would spread the
-        # decoder over several of the 2/255-wide bins.
+        # Algorithm 2 adds no noise there); both choices take beta-tilde_2 there, as the decoder of
+        # [Ho]'s released code does (beta-tilde_1 = 0 would give the decoder no width at all).
         fixed = betas if variance == "beta" else posterior_variance
         model_variance = torch.cat([first, fixed[1:]])
         constants = {

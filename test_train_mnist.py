@@ -300,13 +300,26 @@ def test_offline_start_says_so_and_exits_nonzero(tmp_path):
 @pytest.mark.parametrize("argv", [
     ["--batch-size", "0"], ["--dataset", "cifar"], ["--steps", "-1"], ["--steps", "ten"],
     ["--lr", "0"], ["--lr", "nan"], ["--ema-decay", "1"], ["--channels", "12"],
-    ["--preset", "fastest"], ["--ckpt", "x.pt"],
+    ["--preset", "fastest"], ["--ckpt", "x.pt"], ["--eta", "1.5"], ["--eta", "-0.1"],
+    ["--precision", "fp16"],
 ])
 def test_bad_values_are_argparse_errors(argv, capsys):
     with pytest.raises(SystemExit) as exit_:
         tm.parse_args(argv)
     assert exit_.value.code == 2
     assert "error:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("precision, device, native, expected", [
+    ("fp32", "cuda", True, False), ("bf16", "cpu", False, True),     # an explicit choice stands
+    ("auto", "cuda", False, True), ("auto", "cpu", True, True), ("auto", "cpu", False, False),
+    ("auto", "mps", True, False),
+])
+def test_precision_auto_is_bf16_on_cuda_and_on_cpus_with_native_bf16(precision, device, native,
+                                                                     expected, monkeypatch):
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, probe, lambda: native, raising=False)
+    assert tm.use_bf16(precision, torch.device(device)) is expected
 
 
 def test_presets_set_defaults_and_flags_override_them():
