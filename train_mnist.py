@@ -50,18 +50,18 @@ import ddpm
 # MNIST U-Net widened to 128 channels, for GPUs. Any flag given explicitly overrides its preset.
 PRESETS = {
     "fast": {"channels": 16, "channel_mult": "1,2,4", "res_blocks": 2, "dropout": 0.0,
-             "T": 1000, "schedule": "linear",
+             "T": 1000, "schedule": "linear", "prediction": "eps",
              "steps": 2400, "batch_size": 64, "lr": 2e-3, "lr_schedule": "cosine", "warmup": 100,
              "weight_decay": 0.0, "grad_clip": 1.0, "ema_decay": 0.995,
              "sampler": "ddim", "eta": 1.0, "sample_every": 600, "ckpt_every": 300},
     "paper": {"channels": 128, "channel_mult": "1,2,2", "res_blocks": 2, "dropout": 0.1,
-              "T": 1000, "schedule": "linear",
+              "T": 1000, "schedule": "linear", "prediction": "eps",
               "steps": 800_000, "batch_size": 128, "lr": 2e-4, "lr_schedule": "constant",
               "warmup": 5000, "weight_decay": 0.0, "grad_clip": 1.0, "ema_decay": 0.9999,
               "sampler": "ddpm", "eta": 1.0, "sample_every": 10_000, "ckpt_every": 5000},
 }
 # The arguments that shape the model and the diffusion: a checkpoint resumes only if they match.
-MODEL_CONFIG = ("dataset", "channels", "channel_mult", "res_blocks", "T", "schedule")
+MODEL_CONFIG = ("dataset", "channels", "channel_mult", "res_blocks", "T", "schedule", "prediction")
 LOG_INTERVAL = 0.5          # seconds between log points (a metrics.jsonl line, a progress update)
 
 
@@ -313,7 +313,8 @@ def make_model(config):
 
 def make_diffusion(config):
     schedule = {"linear": ddpm.linear_beta_schedule, "cosine": ddpm.cosine_beta_schedule}
-    return ddpm.GaussianDiffusion(schedule[config["schedule"]](config["T"]))
+    return ddpm.GaussianDiffusion(schedule[config["schedule"]](config["T"]),
+                                  prediction=config["prediction"])
 
 
 def load_checkpoint(path):
@@ -937,6 +938,9 @@ def parse_args(argv=None):
     model.add_argument("--T", type=positive_int, help="diffusion steps (default: %(default)s)")
     model.add_argument("--schedule", choices=["linear", "cosine"],
                        help="beta schedule (default: %(default)s)")
+    model.add_argument("--prediction", choices=["eps", "x0", "v"],
+                       help="what the U-Net predicts: the noise, the clean image, or "
+                            "v = sqrt(alpha-bar) eps - sqrt(1 - alpha-bar) x0 (default: %(default)s)")
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--steps", type=positive_int,
                      help="train until this many optimizer steps (default: %(default)s)")
