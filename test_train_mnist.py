@@ -301,7 +301,8 @@ def test_offline_start_says_so_and_exits_nonzero(tmp_path):
     ["--batch-size", "0"], ["--dataset", "cifar"], ["--steps", "-1"], ["--steps", "ten"],
     ["--lr", "0"], ["--lr", "nan"], ["--ema-decay", "1"], ["--channels", "12"],
     ["--preset", "fastest"], ["--ckpt", "x.pt"], ["--eta", "1.5"], ["--eta", "-0.1"],
-    ["--precision", "fp16"],
+    ["--precision", "fp16"], ["--seed", "-1"], ["--seed", str(2**63)], ["--n", "1025"],
+    ["--resume", "--sample-only"], ["--resume", "--eval"],
 ])
 def test_bad_values_are_argparse_errors(argv, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -323,12 +324,14 @@ def test_precision_auto_is_bf16_on_cuda_and_on_cpus_with_native_bf16(precision, 
 
 
 def test_presets_set_defaults_and_flags_override_them():
-    default = tm.parse_args([])
-    assert (default.dataset, default.data_dir, default.out) == ("mnist", "data/mnist",
-                                                               "runs/mnist")
+    default, given = tm.parse_args([])
+    assert (default.dataset, default.data_dir, default.out) == (
+        "mnist", os.path.abspath(os.path.join("data", "mnist")), "runs/mnist")
     assert {k: getattr(default, k) for k in tm.PRESETS["fast"]} == tm.PRESETS["fast"]
-    paper = tm.parse_args(["--preset", "paper", "--dataset", "fashion", "--steps", "7"])
+    assert given == set()
+    paper, given = tm.parse_args(["--preset", "paper", "--dataset", "fashion", "--steps=7"])
     assert (paper.lr, paper.sampler, paper.steps, paper.out) == (2e-4, "ddpm", 7, "runs/fashion")
+    assert given == {"preset", "dataset", "steps"}
 
 
 def test_sample_steps():
@@ -337,6 +340,7 @@ def test_sample_steps():
     assert tm.sample_steps("ddim", 7, 1000) == 7
     with pytest.raises(tm.UserError, match="takes all T=1000 steps"):
         tm.sample_steps("ddpm", 50, 1000)
+    assert tm.sample_steps("ddim", None, 10) == 10          # no more steps than the model has
     with pytest.raises(tm.UserError, match="exceeds the model's T=10"):
         tm.sample_steps("ddim", 50, 10)
 
@@ -424,6 +428,47 @@ def test_resume_is_bit_identical_to_an_unbroken_run(tmp_path, synthetic, capsys,
         assert tensors_equal(a[key], b[key]), key
     fresh = tm.make_model(a["args"])
     assert not torch.equal(fresh.stem.weight, a["model"]["stem.weight"])  # it did train
+
+
+def test_resume_takes_the_runs_settings_and_announces_changed_ones(tmp_path, synthetic, capsys):
+    """--resume with no flags but --out continues the run with its own model, data and recipe;
+    a flag given again with another value overrides it, and says so."""
+    argv = [*TINY, "--data-dir", synthetic, "--out", tmp_path, "--steps", "2", "--lr", "3e-3"]
+    assert run_main(argv, capsys)[0] == 0
+    code, out, err = run_main(["--out", tmp_path, "--resume", "--steps", "3"], capsys)
+    assert code == 0, err
+    assert "resuming with changed settings: --steps 2 -> 3" in out and "--lr" not in out
+    ckpt = tm.load_checkpoint(str(tmp_path / "checkpoint.pt"))
+    assert ckpt["step"] == 3 and ckpt["args"]["lr"] == 3e-3 and ckpt["args"]["channels"] == 8
+    code, _, err = run_main(["--out", tmp_path, "--resume", "--channels", "16"], capsys)
+    assert code == 1 and "--channels 8 (now 16)" in err
+
+
+def test_resume_drops_the_metrics_logged_after_the_checkpoint(tmp_path):
+    lines = [{"step": 1}, {"step": 2}, {"eval": {"step": 2, "fid": 1.0}}, {"step": 3},
+             {"judge": {"step": 4}}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    tm.truncate_metrics(str(tmp_path / "metrics.jsonl"), 2)
+    kept = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert kept == lines[:3] and os.listdir(tmp_path) == ["metrics.jsonl"]
+
+
+def test_ctrl_c_while_drawing_samples_stops_at_once(tmp_path, synthetic, capsys, monkeypatch):
+    """The step of a grid is saved before the grid is drawn, so a Ctrl-C during the drawing
+    stops at once instead of after the grid and another step."""
+    draw = tm.draw
+
+    def interrupted_draw(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return draw(*args, **kwargs)
+
+    monkeypatch.setattr(tm, "draw", interrupted_draw)
+    argv = [*TINY, "--data-dir", synthetic, "--out", tmp_path, "--steps", "6",
+            "--sample-every", "2", "--ckpt-every", "100"]
+    code, out, err = run_main(argv, capsys)
+    assert code == 130 and "SIGINT while drawing samples" in out and "Traceback" not in err
+    assert tm.load_checkpoint(str(tmp_path / "checkpoint.pt"))["step"] == 2
+    assert not (tmp_path / "samples.png").exists()
 
 
 def test_a_finished_run_is_not_overwritten_or_resumed_past_its_end(trained, synthetic, capsys):

@@ -49,11 +49,11 @@ import ddpm
 # 5000-step warm-up, batch 128, dropout 0.1, EMA 0.9999, 800k steps, ancestral sampling) on the
 # MNIST U-Net widened to 128 channels, for GPUs. Any flag given explicitly overrides its preset.
 PRESETS = {
-    "fast": {"channels": 16, "channel_mult": "1,2,4", "res_blocks": 2, "dropout": 0.0,
-             "T": 1000, "schedule": "linear", "prediction": "eps",
-             "steps": 2400, "batch_size": 64, "lr": 2e-3, "lr_schedule": "cosine", "warmup": 100,
-             "weight_decay": 0.0, "grad_clip": 1.0, "ema_decay": 0.995,
-             "sampler": "ddim", "eta": 1.0, "sample_every": 600, "ckpt_every": 300},
+    "fast": {"channels": 16, "channel_mult": "1,2,4", "res_blocks": 1, "dropout": 0.0,
+             "T": 1000, "schedule": "cosine", "prediction": "eps",
+             "steps": 7000, "batch_size": 32, "lr": 1.5e-3, "lr_schedule": "cosine",
+             "warmup": 200, "weight_decay": 0.0, "grad_clip": 1.0, "ema_decay": 0.995,
+             "sampler": "ddim", "eta": 1.0, "sample_every": 1750, "ckpt_every": 500},
     "paper": {"channels": 128, "channel_mult": "1,2,2", "res_blocks": 2, "dropout": 0.1,
               "T": 1000, "schedule": "linear", "prediction": "eps",
               "steps": 800_000, "batch_size": 128, "lr": 2e-4, "lr_schedule": "constant",
@@ -61,7 +61,10 @@ PRESETS = {
               "sampler": "ddpm", "eta": 1.0, "sample_every": 10_000, "ckpt_every": 5000},
 }
 # The arguments that shape the model and the diffusion: a checkpoint resumes only if they match.
-MODEL_CONFIG = ("dataset", "channels", "channel_mult", "res_blocks", "T", "schedule", "prediction")
+MODEL_CONFIG = ("dataset", "channels", "channel_mult", "res_blocks", "dropout", "T", "schedule",
+                "prediction")
+# The arguments of one invocation, never taken from a checkpoint by --resume.
+INVOCATION = ("resume", "sample_only", "eval", "ckpt", "out")
 LOG_INTERVAL = 0.5          # seconds between log points (a metrics.jsonl line, a progress update)
 
 
@@ -108,7 +111,7 @@ def download(filename, md5, folder, mirrors, status):
     path, failures = os.path.join(folder, filename), []
     for base in mirrors:
         url = base.rstrip("/") + "/" + filename
-        tmp = f"{path}.{os.getpid()}.part"
+        tmp = f"{path}.part"        # a fixed name: a killed download's leftover is overwritten
         try:
             with urllib.request.urlopen(url, timeout=30) as response, open(tmp, "wb") as f:
                 total = int(response.headers.get("Content-Length") or 0)
@@ -265,7 +268,7 @@ def sample_steps(sampler, steps, T):
             raise UserError(f"the ddpm sampler takes all T={T} steps; --sample-steps is for "
                             "--sampler ddim")
         return T
-    steps = 50 if steps is None else steps
+    steps = min(50, T) if steps is None else steps
     if steps > T:
         raise UserError(f"--sample-steps {steps} exceeds the model's T={T}")
     return steps
@@ -290,7 +293,7 @@ def save_pictures(folder, step, chain):
 def atomic_write(path, write):
     """Call write(f) on a temporary file beside `path`, flush it to disk, then rename it over
     `path`: a crash at any moment leaves either the old file or the new one, never a torn one."""
-    tmp = f"{path}.{os.getpid()}.tmp"
+    tmp = f"{path}.tmp"       # a fixed name: the next write replaces a killed one's leftover
     try:
         with open(tmp, "wb") as f:
             write(f)
@@ -330,7 +333,7 @@ def load_checkpoint(path):
     if not (isinstance(ckpt, dict)
             and {"step", "elapsed", "args", "rng", "model", "ema", "optimizer"} <= ckpt.keys()):
         raise UserError(f"{path} is not a checkpoint written by train_mnist.py")
-    missing = [k for k in (*MODEL_CONFIG, "dropout") if k not in ckpt["args"]]
+    missing = [k for k in MODEL_CONFIG if k not in ckpt["args"]]
     if missing:
         raise UserError(f"{path} was written by an older train_mnist.py (its arguments lack "
                         f"{', '.join(missing)}); train a new run")
@@ -389,10 +392,11 @@ class Status:
 
 class StopRequest:
     """Within `with`: the first Ctrl-C (SIGINT) or SIGTERM sets `signum`, and training saves a
-    checkpoint and stops after the current step; a second one interrupts at once."""
+    checkpoint and stops after the current step; a second one interrupts at once, and so does the
+    first while a sample grid is being drawn (`drawing`), as its step is saved by then."""
 
     def __init__(self, status):
-        self.status, self.signum = status, None
+        self.status, self.signum, self.drawing = status, None, False
 
     def __enter__(self):
         self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -402,7 +406,13 @@ class StopRequest:
         self.signum = signum
         for s, handler in self.previous.items():
             signal.signal(s, handler)
-        self.status.print(f"{signal.Signals(signum).name}: saving a checkpoint after this step "
+        name = signal.Signals(signum).name
+        if self.drawing:                 # the checkpoint of this step was saved before drawing
+            self.status.print(f"{name} while drawing samples: the checkpoint of this step is "
+                              "saved; stopping now. Run the same command with --resume to "
+                              "continue.")
+            raise KeyboardInterrupt
+        self.status.print(f"{name}: saving a checkpoint after this step "
                           "(press Ctrl-C again to quit at once)")
 
     def __exit__(self, *exc):
@@ -456,15 +466,41 @@ def format_time(seconds):
     return f"{minutes // 60}:{minutes % 60:02d}:{s:02d}"
 
 
-def train(args):
+def resumed_args(args, given, saved, status):
+    """--resume: the settings of the run from its checkpoint's arguments, except the flags given
+    on this command line (`given`), which are announced where they change a setting."""
+    changed = [f"--{k.replace('_', '-')} {saved[k]} -> {v}" for k, v in vars(args).items()
+               if k in given and k in saved and k not in INVOCATION and saved[k] != v]
+    if changed:
+        status.print("resuming with changed settings: " + ", ".join(changed))
+    kept = {k: v for k, v in saved.items() if k not in given and k not in INVOCATION}
+    return argparse.Namespace(**(vars(args) | kept))
+
+
+def truncate_metrics(path, step):
+    """Drop the lines of metrics.jsonl past `step`: a run killed after its last checkpoint logged
+    steps that the resumed run will log again."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    # A log point is {"step": ...}; a verdict is {"judge": {"step": ...}} or {"eval": {...}}.
+    kept = [r for r in records if (r if "step" in r else next(iter(r.values())))["step"] <= step]
+    atomic_write(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in kept).encode()))
+
+
+def train(args, given=()):
     session_start, status = time.perf_counter(), Status()
+    ckpt_path = os.path.join(args.out, "checkpoint.pt")
+    if args.resume:
+        ckpt = load_checkpoint(ckpt_path)
+        args = resumed_args(args, given, ckpt["args"], status)
+    elif os.path.exists(ckpt_path):
+        raise UserError(f"{args.out} already holds a run; pass --resume to continue it, or "
+                        "choose another --out")
     device = pick_device(args.device)
     steps_per_grid = sample_steps(args.sampler, args.sample_steps, args.T)
     config = vars(args)
-    ckpt_path = os.path.join(args.out, "checkpoint.pt")
-    if not args.resume and os.path.exists(ckpt_path):
-        raise UserError(f"{args.out} already holds a run; pass --resume to continue it, or "
-                        "choose another --out")
     images, _ = load_split(args.data_dir, args.dataset, "train", status)
     if args.batch_size > len(images):
         raise UserError(f"--batch-size {args.batch_size} exceeds the {len(images)} images")
@@ -483,7 +519,6 @@ def train(args):
                                   fused=cuda)
     step, elapsed = 0, 0.0
     if args.resume:
-        ckpt = load_checkpoint(ckpt_path)
         changed = [f"--{k.replace('_', '-')} {ckpt['args'].get(k)} (now {config[k]})"
                    for k in MODEL_CONFIG if ckpt["args"].get(k) != config[k]]
         if changed:
@@ -501,6 +536,7 @@ def train(args):
         if step >= args.steps:
             status.print(f"{ckpt_path} is at step {step} >= --steps {args.steps}: nothing to do")
             return 0
+        truncate_metrics(os.path.join(args.out, "metrics.jsonl"), step)
     os.makedirs(args.out, exist_ok=True)
     atomic_write(os.path.join(args.out, "args.json"),
                  lambda f: f.write(json.dumps(config, indent=2).encode()))
@@ -548,8 +584,8 @@ def train(args):
             window_steps += 1
 
             final = step == args.steps
-            checkpoint = final or step % args.ckpt_every == 0 or stop.signum is not None
             grid = final or step % args.sample_every == 0
+            checkpoint = grid or step % args.ckpt_every == 0 or stop.signum is not None
             now = time.perf_counter()
             if not (checkpoint or grid or now - window_start >= LOG_INTERVAL):
                 continue
@@ -581,9 +617,11 @@ def train(args):
                 status.print(f"stopped at step {step}; checkpoint saved to {ckpt_path}. Run the "
                              "same command with --resume to continue.")
                 return 128 + stop.signum
-            if grid:
+            if grid:                        # a Ctrl-C now stops at once: this step is saved
+                stop.drawing = True
                 chain = draw(diffusion, ema, args.n, args.sampler, steps_per_grid, args.eta,
                              args.seed, chain=True)
+                stop.drawing = False
                 save_pictures(args.out, step, chain)
             window_start = time.perf_counter()      # sampling and saving are not training time
     status.print(f"done: step {step} after {format_time(wall_time())} "
@@ -881,6 +919,13 @@ def fraction(text):
     return value
 
 
+def seed_value(text):
+    value = nonnegative_int(text)
+    if value >= 2**63:
+        raise argparse.ArgumentTypeError(f"must be below 2**63, got {text}")
+    return value
+
+
 def unit_interval(text):
     value = float(text)
     if not 0 <= value <= 1:
@@ -922,7 +967,7 @@ def parse_args(argv=None):
     add("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     add("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
         help="auto: cuda, else mps, else cpu (default: %(default)s)")
-    add("--seed", type=int, default=0, help="(default: %(default)s)")
+    add("--seed", type=seed_value, default=0, help="(default: %(default)s)")
     add("--precision", choices=["auto", "fp32", "bf16"], default="auto",
         help="training arithmetic: auto is bf16 autocast on CUDA and on CPUs with native bf16 "
              "(AVX512-BF16, AMX), else fp32; sampling is always fp32 (default: %(default)s)")
@@ -994,14 +1039,21 @@ def parse_args(argv=None):
                        help="samples judged at the end of a training run, 0 for none "
                             "(default: %(default)s)")
 
+    # The flags given on the command line: --resume takes every other setting from the checkpoint.
+    only_given = copy.deepcopy(parser)
+    for action in only_given._actions:
+        action.default = argparse.SUPPRESS
     # The preset decides the defaults, so find it first; the full parse reports a bad value.
     first = argparse.ArgumentParser(add_help=False)
     first.add_argument("--preset", default="fast")
     preset = first.parse_known_args(argv)[0].preset
     parser.set_defaults(**PRESETS.get(preset, PRESETS["fast"]))
     args = parser.parse_args(argv)
+    given = frozenset(vars(only_given.parse_args(argv)))
     if not args.eval:                 # --eval reads the data of its checkpoint's run by default
         args.data_dir = args.data_dir or os.path.join("data", args.dataset)
+    if args.data_dir:                 # absolute, so that --eval and --resume find it from anywhere
+        args.data_dir = os.path.abspath(args.data_dir)
     args.out = args.out or os.path.join("runs", args.dataset)
     args.n = args.n or (EVAL_N if args.eval else 64)
     if args.ckpt and not (args.sample_only or args.eval):
@@ -1009,6 +1061,10 @@ def parse_args(argv=None):
                      "with its --out")
     if args.sample_only and args.eval:
         parser.error("--sample-only and --eval exclude each other")
+    if args.resume and (args.sample_only or args.eval):
+        parser.error("--resume is for training; --sample-only and --eval read --ckpt")
+    if not args.eval and args.n > 1024:
+        parser.error(f"--n: a grid holds at most 1024 samples, got {args.n}")
     most = SPLITS["test"][2] // 2     # the judge's two real sets of N come from the test set
     if args.eval and not 2 <= args.n <= most:
         parser.error(f"--eval judges 2 to {most} samples, got --n {args.n}")
@@ -1016,17 +1072,17 @@ def parse_args(argv=None):
         parser.error(f"--judge-n must be 0 or 2 to {most}, got {args.judge_n}")
     if args.bpd_n > SPLITS["test"][2]:
         parser.error(f"--bpd-n must be at most {SPLITS['test'][2]}, got {args.bpd_n}")
-    return args
+    return args, given
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    args, given = parse_args(argv)
     try:
         if args.sample_only:
             return sample_only(args)
         if args.eval:
             return evaluate(args)
-        return train(args)
+        return train(args, given)
     except (UserError, OSError) as e:           # OSError: a path, a permission, a full disk
         print(f"error: {e}", file=sys.stderr)
         return 1
