@@ -58,7 +58,6 @@ def extract(a, t, x):
     if t.dtype not in (torch.int32, torch.int64) or t.shape != x.shape[:1]:
         raise ValueError(f"t must be an integer tensor of shape ({x.shape[0]},), one step per "
                          f"batch element; got dtype {t.dtype}, shape {tuple(t.shape)}")
-    # The range check reads t on the host; on accelerators that would stall every call, so skip it.
     if t.device.type == "cpu" and not bool(((t >= 0) & (t < a.shape[0])).all()):
         raise ValueError(f"t must lie in 0..{a.shape[0] - 1}, got values from "
                          f"{int(t.min())} to {int(t.max())}")

@@ -683,6 +683,7 @@ def test_short_real_mnist_run_then_sample_only(tmp_path):
     losses = [r["loss"] for r in records if "loss" in r]
     assert losses[-1] < 0.5 < losses[0]                  # eps-prediction starts at MSE ~ 1
     assert records[-1]["judge"]["n"] == 256               # the end-of-run verdict comes last
+    assert records[-1]["judge"]["matmul_gflops"] > 0 and "GFLOP/s now" in run.stdout
     sample = subprocess.run(
         [sys.executable, "train_mnist.py", "--sample-only", "--ckpt", out / "checkpoint.pt",
          "--n", "16", "--sample-steps", "10"], cwd=HERE, env=ONE_THREAD, capture_output=True,

@@ -461,6 +461,18 @@ def learning_rate(args, step):
     return lr
 
 
+def matmul_gflops(device, n=1024, repeats=9):
+    """The speed of an n x n fp32 matmul on `device` right now, in GFLOP/s (median of `repeats`):
+    shared machines swing by 1.5x or more, so a run's time means little without it."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        (a @ b)[0, 0].item()                            # .item() waits for an accelerator
+        seconds.append(time.perf_counter() - start)
+    return 2 * n**3 / sorted(seconds)[repeats // 2] / 1e9
+
+
 def format_time(seconds):
     minutes, s = divmod(int(seconds), 60)
     return f"{minutes // 60}:{minutes % 60:02d}:{s:02d}"
@@ -624,8 +636,10 @@ def train(args, given=()):
                 stop.drawing = False
                 save_pictures(args.out, step, chain)
             window_start = time.perf_counter()      # sampling and saving are not training time
+    gflops = matmul_gflops(device)
     status.print(f"done: step {step} after {format_time(wall_time())} "
-                 f"({(step - start_step) * B / train_time:.1f} img/s while training). Samples: "
+                 f"({(step - start_step) * B / train_time:.1f} img/s while training; this "
+                 f"machine's fp32 matmul runs at {gflops:.0f} GFLOP/s now). Samples: "
                  f"{os.path.join(args.out, 'samples.png')}, reverse chain: "
                  f"{os.path.join(args.out, 'chain.png')}, checkpoint: {ckpt_path}")
     if args.judge_n and args.dataset != "mnist":
@@ -635,7 +649,8 @@ def train(args, given=()):
                                args.eta, args.seed + 1, args.out, args.data_dir, status)
         append_metrics(args.out, {"judge": result | {"step": step, "sampler": args.sampler,
                                                      "sample_steps": steps_per_grid,
-                                                     "eta": args.eta, "time": wall_time()}})
+                                                     "eta": args.eta, "time": wall_time(),
+                                                     "matmul_gflops": gflops}})
         status.print(f"judge: {describe(result)} | "
                      f"{sampler_name(args.sampler, steps_per_grid, args.eta)}, "
                      f"{result['seconds']:.0f} s; the run took {format_time(wall_time())} in all")
@@ -798,7 +813,7 @@ def judge_images(judge, images, real):
     p = counts[counts > 0].double() / n
     return {"n": n, "fid": fid, "fid_floor": floor, "fid_ratio": fid / floor,
             "confident": (probabilities.max(1).values >= CONFIDENT).double().mean().item(),
-            "classes": int((counts > 0).sum()), "class_entropy_bits": float(-(p * p.log2()).sum())}
+            "classes": int((counts > 0).sum()), "class_entropy_bits": float((p * (1 / p).log2()).sum())}
 
 
 def judge_samples(diffusion, model, n, sampler, steps, eta, seed, folder, data_dir, status):
