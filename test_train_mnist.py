@@ -397,9 +397,9 @@ def test_run_writes_pictures_metrics_args_and_checkpoint(trained):
 def test_sample_only_writes_a_grid_beside_the_checkpoint(trained, capsys):
     code, out, _ = run_main(["--sample-only", "--ckpt", trained / "checkpoint.pt", "--n", "9",
                              "--sample-steps", "3"], capsys)
-    assert code == 0 and "sample_ddim3_seed0.png" in out
-    assert decode_png(trained / "sample_ddim3_seed0.png").shape == (2 * 92, 2 * 92)
-    os.remove(trained / "sample_ddim3_seed0.png")
+    assert code == 0 and "sample_ddim3_eta1_seed0.png" in out
+    assert decode_png(trained / "sample_ddim3_eta1_seed0.png").shape == (2 * 92, 2 * 92)
+    os.remove(trained / "sample_ddim3_eta1_seed0.png")
 
 
 @pytest.mark.parametrize("lr_schedule", ["cosine", "constant"])
@@ -561,6 +561,7 @@ def test_bad_paths_give_one_line_errors(tmp_path, synthetic, capsys):
         (["--sample-only", "--ckpt", tmp_path / "foreign.pt"], "not a checkpoint written by"),
         (["--sample-only", "--ckpt", tmp_path / "old.pt"], "lack channel_mult"),
         ([*TINY, "--data-dir", synthetic, "--out", tmp_path / "file" / "run"], "error:"),
+        ([*TINY, "--data-dir", synthetic, "--out", tmp_path / "file"], "is a file, not a folder"),
         ([*TINY, "--data-dir", tmp_path / "file", "--out", tmp_path / "run"], "error:"),
     ]
     for argv, message in cases:
@@ -689,7 +690,7 @@ def test_short_real_mnist_run_then_sample_only(tmp_path):
          "--n", "16", "--sample-steps", "10"], cwd=HERE, env=ONE_THREAD, capture_output=True,
         text=True, timeout=600, check=False)
     assert sample.returncode == 0, sample.stderr
-    assert decode_png(out / "sample_ddim10_seed0.png").shape == (2 * 122, 2 * 122)
+    assert decode_png(out / "sample_ddim10_eta1_seed0.png").shape == (2 * 122, 2 * 122)
 
 
 def blur(x):

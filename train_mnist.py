@@ -510,6 +510,8 @@ def train(args, given=()):
     elif os.path.exists(ckpt_path):
         raise UserError(f"{args.out} already holds a run; pass --resume to continue it, or "
                         "choose another --out")
+    elif os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UserError(f"--out {args.out} is a file, not a folder")
     device = pick_device(args.device)
     steps_per_grid = sample_steps(args.sampler, args.sample_steps, args.T)
     config = vars(args)
@@ -667,7 +669,9 @@ def sample_only(args):
     model, diffusion, config, _ = load_ema(path, pick_device(args.device))
     steps = sample_steps(args.sampler, args.sample_steps, config["T"])
     x0 = draw(diffusion, model, args.n, args.sampler, steps, args.eta, args.seed, chain=False)
-    png = os.path.join(os.path.dirname(path), f"sample_{args.sampler}{steps}_seed{args.seed}.png")
+    eta = f"_eta{args.eta:g}" if args.sampler == "ddim" else ""
+    png = os.path.join(os.path.dirname(path),
+                       f"sample_{args.sampler}{steps}{eta}_seed{args.seed}.png")
     save_png(png, tile(x0, ncol=math.ceil(math.sqrt(args.n))))
     print(f"wrote {args.n} samples ({sampler_name(args.sampler, steps, args.eta)}) to {png}")
     return 0
