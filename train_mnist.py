@@ -478,13 +478,19 @@ def format_time(seconds):
     return f"{minutes // 60}:{minutes % 60:02d}:{s:02d}"
 
 
-def resumed_args(args, given, saved, status):
+def resumed_args(args, given, saved, status, ckpt_path):
     """--resume: the settings of the run from its checkpoint's arguments, except the flags given
-    on this command line (`given`), which are announced where they change a setting."""
-    changed = [f"--{k.replace('_', '-')} {saved[k]} -> {v}" for k, v in vars(args).items()
-               if k in given and k in saved and k not in INVOCATION and saved[k] != v]
+    on this command line (`given`), which are announced where they change a setting. A change
+    of the model configuration is refused."""
+    changed = {f"--{k.replace('_', '-')}": (saved[k], v) for k, v in vars(args).items()
+               if k in given and k in saved and k not in INVOCATION and saved[k] != v}
+    model = [f"--{k.replace('_', '-')}" for k in MODEL_CONFIG]
+    if refused := [f"{f} {old} (now {new})" for f, (old, new) in changed.items() if f in model]:
+        raise UserError(f"{ckpt_path} was made with a different model configuration: "
+                        + ", ".join(refused) + "; pass the values it was made with")
     if changed:
-        status.print("resuming with changed settings: " + ", ".join(changed))
+        status.print("resuming with changed settings: "
+                     + ", ".join(f"{f} {old} -> {new}" for f, (old, new) in changed.items()))
     kept = {k: v for k, v in saved.items() if k not in given and k not in INVOCATION}
     return argparse.Namespace(**(vars(args) | kept))
 
@@ -506,7 +512,7 @@ def train(args, given=()):
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
     if args.resume:
         ckpt = load_checkpoint(ckpt_path)
-        args = resumed_args(args, given, ckpt["args"], status)
+        args = resumed_args(args, given, ckpt["args"], status, ckpt_path)
     elif os.path.exists(ckpt_path):
         raise UserError(f"{args.out} already holds a run; pass --resume to continue it, or "
                         "choose another --out")
@@ -533,11 +539,6 @@ def train(args, given=()):
                                   fused=cuda)
     step, elapsed = 0, 0.0
     if args.resume:
-        changed = [f"--{k.replace('_', '-')} {ckpt['args'].get(k)} (now {config[k]})"
-                   for k in MODEL_CONFIG if ckpt["args"].get(k) != config[k]]
-        if changed:
-            raise UserError(f"{ckpt_path} was made with a different model configuration: "
-                            + ", ".join(changed) + "; pass the values it was made with")
         load_weights(model, ckpt["model"], ckpt_path)
         load_weights(ema, ckpt["ema"], ckpt_path)
         optimizer.load_state_dict(ckpt["optimizer"])
